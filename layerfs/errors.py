@@ -1,0 +1,51 @@
+"""The one exception hierarchy of layerfs.
+
+    LayerfsError                 anything layerfs refuses or fails at, with a one-line message
+    ├── UsageError               bad arguments or options (exit code 2)
+    ├── MountError               a mount cannot be made or ended
+    ├── ReferenceError_          an image reference that does not parse
+    ├── StoreError               the store is missing, locked or inconsistent
+    │   └── NotFoundError        an image, layer or container that is not there
+    ├── LayerError               a layer tarball that is malformed or hostile
+    └── DigestError              content whose digest is not the one promised
+
+Messages read "what: why" and name the thing first. Only `cli` prints them. Filesystem
+operations do not use this tree: they raise `OSError` with the errno the kernel's overlayfs
+would answer.
+"""
+
+from __future__ import annotations
+
+
+class LayerfsError(Exception):
+    """Base class; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(LayerfsError):
+    exit_code = 2
+
+
+class MountError(LayerfsError):
+    pass
+
+
+class ReferenceError_(LayerfsError):  # noqa: N801 - the builtin name is taken
+    exit_code = 2
+
+
+class StoreError(LayerfsError):
+    pass
+
+
+class NotFoundError(StoreError):
+    pass
+
+
+class LayerError(LayerfsError):
+    pass
+
+
+class DigestError(LayerfsError):
+    pass
