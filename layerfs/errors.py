@@ -31,7 +31,7 @@ class MountError(LayerfsError):
     pass
 
 
-class ReferenceError_(LayerfsError):  # noqa: N801 - the builtin name is taken
+class ReferenceError_(LayerfsError):
     exit_code = 2
 
 

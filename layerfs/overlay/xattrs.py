@@ -1,8 +1,12 @@
 """The owner of the overlay's on-disk xattr names (the kernel overlayfs format).
 
 Root mounts use the `trusted.overlay.` namespace, as the kernel does; the `user.overlay.`
-namespace is read as well, since rootless tools write it. Everything under either prefix is
-private to the overlay: hidden from listxattr and refused to get/set, as the kernel does.
+namespace is read as well for opacity and redirects, since rootless tools write it.
+
+Names under `trusted.overlay.` on disk are the overlay's own and never shown, with one exception
+that the kernel (6.7 and later) defines: a user may store an xattr named `trusted.overlay.X`
+through the mount, which lands on disk *escaped* as `trusted.overlay.overlay.X`, and is shown
+unescaped again. `to_real`/`to_visible` are the two directions of that mapping.
 `trusted.overlay.layerfs.ino` is our own: the inode number a copied-up file had in its lower
 layer, so that `st_ino` survives copy-up and remount. The kernel ignores names it does not know.
 """
@@ -13,7 +17,6 @@ import errno
 import os
 
 TRUSTED_PREFIX = b"trusted.overlay."
-USER_PREFIX = b"user.overlay."
 
 OPAQUE = "trusted.overlay.opaque"
 REDIRECT = "trusted.overlay.redirect"
@@ -24,8 +27,28 @@ _USER_OPAQUE = "user.overlay.opaque"
 _USER_REDIRECT = "user.overlay.redirect"
 
 
-def is_private(name: bytes) -> bool:
-    return name.startswith(TRUSTED_PREFIX) or name.startswith(USER_PREFIX)
+_ESCAPED_PREFIX = b"trusted.overlay.overlay."
+
+
+def to_real(name: bytes) -> bytes:
+    """The on-disk name of an xattr a user names through the mount."""
+    if name.startswith(TRUSTED_PREFIX):
+        return _ESCAPED_PREFIX + name[len(TRUSTED_PREFIX) :]
+    return name
+
+
+def to_visible(real: bytes) -> bytes | None:
+    """The name a user sees for an on-disk xattr; None for the overlay's private ones."""
+    if real.startswith(_ESCAPED_PREFIX):
+        return TRUSTED_PREFIX + real[len(_ESCAPED_PREFIX) :]
+    if real.startswith(TRUSTED_PREFIX):
+        return None
+    return real
+
+
+def is_private(real: bytes) -> bool:
+    """True for on-disk names that belong to the overlay and are never copied or shown."""
+    return real.startswith(TRUSTED_PREFIX) and not real.startswith(_ESCAPED_PREFIX)
 
 
 def _get(path: bytes, name: str) -> bytes | None:
@@ -66,7 +89,7 @@ def set_redirect(path: bytes, target: bytes) -> None:
 
 
 def user_xattrs(path: bytes) -> list[tuple[str, bytes]]:
-    """All xattrs of `path` that are not the overlay's own, capability last.
+    """All on-disk xattrs of `path` that are not the overlay's own, capability last.
 
     security.capability goes last because writing file data or changing the owner after it
     clears it; copy-up writes the list in this order.

@@ -1,0 +1,222 @@
+"""Mount lifecycle: check the request, mount, serve, unmount; as a daemon or in the foreground.
+
+`mount_overlay` returns only once the mount answers (or raises `MountError` with the reason
+the daemon gave). The daemon holds an exclusive lock on its work dir for its whole life, so a
+second mount of the same upper is refused while the first is alive; on start it removes what a
+killed predecessor left staged in the work dir, so the upper itself is never half-written.
+SIGTERM, SIGINT, `fusermount3 -u` and `umount` end it cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pyfuse3
+import trio
+
+from layerfs.errors import MountError
+from layerfs.fuse.ops import OverlayOperations
+from layerfs.overlay import copyup
+from layerfs.overlay.engine import Engine
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".layerfs.lock"
+
+
+@dataclass(frozen=True, slots=True)
+class OverlaySpec:
+    """What to mount: lower dirs (top first), an optional upper and work dir, where."""
+
+    lowers: tuple[str, ...]
+    upper: str | None
+    work: str | None
+    mountpoint: str
+    fsname: str = "layerfs"
+    fuse_options: frozenset[str] = field(default_factory=frozenset)
+    sync_copy_up: bool = True
+    log_file: str | None = None
+
+
+def default_fuse_options() -> set[str]:
+    """allow_other and the kernel's permission checks: other users and setuid programs
+    use the mount (a chroot); dev and suid as root, since a root filesystem needs both."""
+    options = {"allow_other", "default_permissions"}
+    if os.geteuid() == 0:
+        options |= {"dev", "suid"}
+    return options
+
+
+def check_spec(spec: OverlaySpec) -> None:
+    """Refuse, before anything is mounted, what cannot work (MountError, one line)."""
+    mnt = spec.mountpoint
+    if not os.path.exists(mnt):
+        raise MountError(f"{mnt}: mountpoint does not exist")
+    if not os.path.isdir(mnt):
+        raise MountError(f"{mnt}: mountpoint is not a directory")
+    if not spec.lowers:
+        raise MountError("lowerdir: at least one lower directory is needed")
+    real_mnt = os.path.realpath(mnt)
+    dirs = [("lowerdir", p) for p in spec.lowers]
+    if spec.upper is not None:
+        if spec.work is None:
+            raise MountError("workdir: an upperdir needs a workdir")
+        dirs += [("upperdir", spec.upper), ("workdir", spec.work)]
+    for what, path in dirs:
+        if not os.path.isdir(path):
+            raise MountError(f"{path}: {what} does not exist or is not a directory")
+        real = os.path.realpath(path)
+        if real_mnt == real or real_mnt.startswith(real.rstrip("/") + "/"):
+            raise MountError(f"{mnt}: mountpoint is inside {what} {path}")
+        if what == "lowerdir" and real.startswith(real_mnt.rstrip("/") + "/"):
+            raise MountError(f"{path}: {what} is inside the mountpoint {mnt}")
+    if spec.upper is not None and spec.work is not None:
+        if os.stat(spec.upper).st_dev != os.stat(spec.work).st_dev:
+            raise MountError(f"{spec.work}: workdir is not on the filesystem of {spec.upper}")
+        real_upper, real_work = os.path.realpath(spec.upper), os.path.realpath(spec.work)
+        if real_work.startswith(real_upper.rstrip("/") + "/") or real_upper == real_work:
+            raise MountError(f"{spec.work}: workdir must not be inside upperdir")
+
+
+@contextlib.contextmanager
+def _work_lock(spec: OverlaySpec) -> Iterator[None]:
+    if spec.work is None:
+        yield
+        return
+    fd = os.open(os.path.join(spec.work, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MountError(f"{spec.upper}: upperdir is in use by another live mount") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted or signalled; `ready` runs once the mount answers."""
+    with _work_lock(spec):
+        if spec.work is not None:
+            copyup.clean_work(os.fsencode(spec.work))
+        engine = Engine(
+            [os.fsencode(p) for p in spec.lowers],
+            os.fsencode(spec.upper) if spec.upper is not None else None,
+            os.fsencode(spec.work) if spec.work is not None else None,
+        )
+        engine.sync_copy_up = spec.sync_copy_up
+        options = set(spec.fuse_options) | {f"fsname={spec.fsname}", "subtype=layerfs"}
+        if spec.upper is None:
+            options.add("ro")
+        try:
+            pyfuse3.init(OverlayOperations(engine), spec.mountpoint, options)
+        except RuntimeError as exc:
+            raise MountError(f"{spec.mountpoint}: cannot mount: {exc}") from None
+        signalled = False
+        try:
+            ready()
+
+            async def run() -> None:
+                nonlocal signalled
+                async with trio.open_nursery() as nursery:
+
+                    async def watch_signals() -> None:
+                        nonlocal signalled
+                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                            async for _sig in sigs:
+                                signalled = True
+                                pyfuse3.terminate()
+                                return
+
+                    nursery.start_soon(watch_signals)
+                    await pyfuse3.main(1, 1)
+                    nursery.cancel_scope.cancel()
+
+            trio.run(run)
+        finally:
+            # after `fusermount3 -u` the mount is gone already; unmount only what is ours
+            pyfuse3.close(unmount=signalled or os.path.ismount(spec.mountpoint))
+
+
+def mount_overlay(spec: OverlaySpec, *, foreground: bool = False) -> int:
+    """Mount; in the background unless `foreground`. Returns the daemon's pid (ours if fg)."""
+    check_spec(spec)
+    if foreground:
+        _setup_logging(spec.log_file, to_stderr=True)
+        serve(spec, lambda: None)
+        return os.getpid()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        _daemon_main(spec, write_fd)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        answer = pipe.read()
+    if answer.startswith(b"ok"):
+        return pid
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    reason = answer.decode(errors="replace").strip() or "the mount daemon died while starting"
+    raise MountError(reason)
+
+
+def _daemon_main(spec: OverlaySpec, status_fd: int) -> None:
+    code = 0
+    try:
+        os.setsid()
+        _detach_stdio(spec.log_file)
+        _setup_logging(spec.log_file, to_stderr=False)
+
+        def ready() -> None:
+            os.write(status_fd, b"ok\n")
+            os.close(status_fd)
+
+        serve(spec, ready)
+    except MountError as exc:
+        _report(status_fd, str(exc))
+        code = 1
+    except BaseException as exc:
+        log.exception("mount daemon failed")
+        _report(status_fd, f"{spec.mountpoint}: mount daemon failed: {exc}")
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _report(status_fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(status_fd, message.encode() + b"\n")
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    out = null
+    if log_file is not None:
+        out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+
+
+def _setup_logging(log_file: str | None, *, to_stderr: bool) -> None:
+    if log_file is None and not to_stderr:
+        return
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr) if log_file is None or to_stderr
+        else logging.FileHandler(log_file)
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if os.environ.get("LAYERFS_DEBUG") != "1" else logging.DEBUG)

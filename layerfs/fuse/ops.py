@@ -1,0 +1,320 @@
+"""The pyfuse3 adapter: FUSE requests to engine calls, `OSError` to `FUSEError`.
+
+Each handler maps inode numbers to nodes, calls the engine and answers; errno translation
+happens in one place, `fuse_handler`. An unexpected exception is logged with its traceback and
+answered with EIO, so that a bug never kills the daemon (a dead daemon is ENOTCONN for every
+process in a chroot); with LAYERFS_STRICT=1, as the tests set it, the daemon stops instead.
+
+Kernel cache hints: lower data never changes and the upper changes only through this mount, so
+entries (negative ones too), attributes and file pages are cached by the kernel for a long time;
+our code runs on cache misses and on writes. Requests are served one at a time (the engine is
+not thread-safe).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Sequence
+
+    from layerfs.overlay.engine import Attr, Engine, Handle
+    from layerfs.overlay.nodes import Node
+
+log = logging.getLogger(__name__)
+
+CACHE_TIMEOUT = 86400.0
+"""Seconds the kernel may trust an entry or attributes: nothing changes behind our back."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _strict() -> bool:
+    return os.environ.get("LAYERFS_STRICT") == "1"
+
+
+def fuse_handler(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn OSError into FUSEError(errno) and anything unexpected into a logged EIO."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await func(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", func.__name__)
+            if _strict():
+                pyfuse3.terminate()
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class _DirHandle:
+    __slots__ = ("names", "node")
+
+    def __init__(self, node: Node, names: list[bytes]) -> None:
+        self.node = node
+        self.names = names
+
+
+class OverlayOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self._engine = engine
+        self._files: dict[int, Handle] = {}
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_fh = 1
+
+    # -------------------------------------------------------------- helpers
+    def _node(self, inode: int) -> Node:
+        node = self._engine.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    @staticmethod
+    def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+        st = attr.st
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = attr.ino
+        entry.generation = attr.generation
+        entry.entry_timeout = CACHE_TIMEOUT
+        entry.attr_timeout = CACHE_TIMEOUT
+        entry.st_mode = st.st_mode
+        entry.st_nlink = attr.nlink
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        entry.st_size = st.st_size
+        entry.st_blksize = st.st_blksize
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        return entry
+
+    def _node_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        return self._entry(self._engine.getattr(node))
+
+    # -------------------------------------------------------------- lookup and attributes
+    @fuse_handler
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            node = self._engine.lookup(self._node(parent_inode), name)
+        except FileNotFoundError:
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0  # a negative entry, cached like the positive ones
+            negative.entry_timeout = CACHE_TIMEOUT
+            return negative
+        return self._node_entry(node)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, nlookup in inode_list:
+            self._engine.forget(inode, nlookup)
+
+    @fuse_handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._node_entry(self._node(inode))
+
+    @fuse_handler
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        result = self._engine.setattr(
+            self._node(inode),
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            handle=self._files.get(fh) if fh is not None else None,
+        )
+        return self._entry(result)
+
+    @fuse_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self._engine.readlink(self._node(inode))
+
+    @fuse_handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        gids = [ctx.gid, *pyfuse3.get_sup_groups(ctx.pid)] if ctx.uid else [ctx.gid]
+        try:
+            self._engine.access(self._node(inode), mode, ctx.uid, gids)
+        except PermissionError:
+            return False
+        return True
+
+    @fuse_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = self._engine.statfs()
+        data = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, field, getattr(sv, field))
+        return data
+
+    # -------------------------------------------------------------- creating and removing
+    @fuse_handler
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._engine.mknod(self._node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+        return self._node_entry(node)
+
+    @fuse_handler
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self._engine.mkdir(self._node(parent_inode), name, mode, ctx.uid, ctx.gid)
+        return self._node_entry(node)
+
+    @fuse_handler
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self._engine.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
+        return self._node_entry(node)
+
+    @fuse_handler
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self._engine.link(self._node(inode), self._node(new_parent_inode), new_name)
+        return self._node_entry(node)
+
+    @fuse_handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._engine.unlink(self._node(parent_inode), name)
+
+    @fuse_handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._engine.rmdir(self._node(parent_inode), name)
+
+    @fuse_handler
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+        flags: int, ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._engine.rename(
+            self._node(parent_inode_old), name_old, self._node(parent_inode_new), name_new, flags
+        )
+
+    # -------------------------------------------------------------- xattrs
+    @fuse_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self._engine.getxattr(self._node(inode), name)
+
+    @fuse_handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self._engine.listxattr(self._node(inode))
+
+    @fuse_handler
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self._engine.setxattr(self._node(inode), name, value)
+
+    @fuse_handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._engine.removexattr(self._node(inode), name)
+
+    # -------------------------------------------------------------- files
+    def _file_info(self, handle: Handle) -> pyfuse3.FileInfo:
+        fh = self._fh()
+        self._files[fh] = handle
+        # Every change goes through this mount, so cached pages stay right.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @fuse_handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        return self._file_info(self._engine.open(self._node(inode), flags))
+
+    @fuse_handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node, handle = self._engine.create(
+            self._node(parent_inode), name, mode, flags, ctx.uid, ctx.gid
+        )
+        return self._file_info(handle), self._node_entry(node)
+
+    @fuse_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self._engine.read(self._files[fh], off, size)
+
+    @fuse_handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self._engine.write(self._files[fh], off, buf)
+
+    @fuse_handler
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @fuse_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self._engine.fsync(self._files[fh], datasync)
+
+    @fuse_handler
+    async def release(self, fh: int) -> None:
+        self._engine.release(self._files.pop(fh))
+
+    # -------------------------------------------------------------- directories
+    @fuse_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._fh()
+        self._dirs[fh] = _DirHandle(node, self._engine.listdir(node))
+        return fh
+
+    @fuse_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dirs[fh]
+        names = handle.names
+        for index in range(start_id, len(names)):
+            name = names[index]
+            child = self._engine.readdir_entry(handle.node, name)
+            if child is None:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._node_entry(child), index + 1):
+                return
+            child.lookups += 1
+
+    @fuse_handler
+    async def releasedir(self, fh: int) -> None:
+        del self._dirs[fh]
+
+    @fuse_handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        handle = self._dirs[fh]
+        fd = os.open(self._engine.real_path(handle.node), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,799 @@
+"""The overlay engine: POSIX semantics of a merged tree, equal to the kernel's overlayfs.
+
+Input: ordered read-only lower dirs (top first), one upper dir and a work dir on the upper's
+filesystem. The upper and the lowers use the kernel overlayfs on-disk format, so the kernel can
+mount the same dirs. Every method takes and returns nodes (`layerfs.overlay.nodes`) and raises
+`OSError` with the errno the kernel's overlayfs answers; names are bytes.
+
+What the engine does not know: FUSE, the kernel's caches, threads. It is synchronous and not
+thread-safe: the caller serializes calls (the FUSE adapter runs one request at a time).
+Permission checks are the kernel's (`default_permissions`); the engine acts with the daemon's
+rights and gives new objects the caller's owner.
+
+Beyond the kernel's defaults: renaming a directory that has lower parts works (recorded with the
+kernel's `redirect` xattr, as with redirect_dir=on), and copying up one name of a lower
+hard-linked group copies the whole visible group as one upper inode.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from layerfs.overlay import copyup, syscalls, xattrs
+from layerfs.overlay.lowers import WHITEOUT, Hidden, LowerLayers, is_whiteout_stat
+from layerfs.overlay.nodes import ROOT_INO, UPPER, Node, NodeTable, make_ino
+
+NAME_MAX = 255
+_ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
+
+
+def _err(code: int, what: bytes | str = "") -> OSError:
+    return OSError(code, os.strerror(code), what)
+
+
+@dataclass(slots=True, frozen=True)
+class Attr:
+    """What `stat` shows for a node: the real object's stat with the merged number."""
+
+    ino: int
+    generation: int
+    st: os.stat_result
+    nlink: int
+
+
+@dataclass(slots=True)
+class Found:
+    """Where a merged name lives: the top object, and for a directory what merges beneath."""
+
+    is_dir: bool
+    layer: int
+    real: bytes
+    st: os.stat_result
+    lowers: tuple[tuple[int, bytes], ...] = ()
+    bottom_st: os.stat_result | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Handle:
+    """An open file: the real descriptor and the layer it was opened in."""
+
+    node: Node
+    fd: int
+    layer: int
+    flags: int
+
+
+class Engine:
+    def __init__(self, lowers: list[bytes], upper: bytes | None, work: bytes | None) -> None:
+        if upper is not None and work is None:
+            raise ValueError("an upper dir needs a work dir")
+        self.lowers = LowerLayers([os.path.abspath(p) for p in lowers])
+        self.upper = os.path.abspath(upper) if upper is not None else None
+        self.work = os.path.abspath(work) if work is not None else None
+        self.sync_copy_up = True
+        root = Node(ino=ROOT_INO, is_dir=True)
+        root.in_upper = self.upper is not None
+        self.nodes = NodeTable(root)
+        self._init_root(root)
+
+    # ------------------------------------------------------------------ lookup
+    def _init_root(self, root: Node) -> None:
+        plan = [(layer, self.lowers.root(layer)) for layer in range(1, self.lowers.count + 1)]
+        lowers: list[tuple[int, bytes]] = []
+        if self.upper is not None and xattrs.is_opaque_dir(self.upper):
+            plan = []
+        for layer, real in plan:
+            listing = self.lowers.listing(real)
+            if listing is None:
+                raise _err(errno.ENOENT, real)
+            lowers.append((layer, real))
+            if listing.opaque:
+                break
+        root.lowers = tuple(lowers)
+
+    def _upper_path(self, node: Node) -> bytes:
+        assert self.upper is not None
+        if node.is_dir:
+            return self.upper + node.path()
+        for parent, name in node.links:
+            return self.upper + parent.path() + b"/" + name
+        raise _err(errno.ENOENT)
+
+    def real_path(self, node: Node) -> bytes:
+        """The real object that holds `node`'s data and attributes now."""
+        if node.in_upper:
+            return self._upper_path(node)
+        if node.is_dir:
+            return node.lowers[0][1]
+        assert node.lower is not None
+        return node.lower[1]
+
+    def _lookup(self, parent: Node, name: bytes) -> Found | None:
+        """Resolve `name` in directory `parent`, top-down, as the kernel's ovl_lookup does."""
+        top: Found | None = None
+        plan: list[tuple[int, bytes, bytes]] | None = None
+        if parent.in_upper:
+            real = self._upper_path(parent) + b"/" + name
+            try:
+                st = os.lstat(real)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if is_whiteout_stat(st):
+                    return None
+                if not stat.S_ISDIR(st.st_mode):
+                    return Found(False, UPPER, real, st)
+                top = Found(True, UPPER, real, st, bottom_st=st)
+                if xattrs.is_opaque_dir(real):
+                    return top
+                redirect = xattrs.redirect_of(real)
+                if redirect is not None:
+                    plan = self._redirect_plan(parent, UPPER, redirect)
+        if plan is None:
+            plan = [(layer, pdir, name) for layer, pdir in parent.lowers]
+        lowers: list[tuple[int, bytes]] = []
+        i = 0
+        while i < len(plan):
+            layer, pdir, nm = plan[i]
+            i += 1
+            listing = self.lowers.listing(pdir)
+            if listing is None:
+                continue
+            entry = listing.classify(nm)
+            if entry is None:
+                continue
+            if isinstance(entry, Hidden):
+                break
+            st = entry.stat(follow_symlinks=False)
+            real = pdir + b"/" + nm
+            if not stat.S_ISDIR(st.st_mode):
+                if top is None:
+                    return Found(False, layer, real, st)
+                break
+            if top is None:
+                top = Found(True, layer, real, st)
+            lowers.append((layer, real))
+            top.bottom_st = st
+            sub = self.lowers.listing(real)
+            if sub is None or sub.opaque:
+                break
+            if sub.redirect is not None:
+                plan = self._redirect_plan(parent, layer, sub.redirect)
+                i = 0
+        if top is not None:
+            top.lowers = tuple(lowers)
+        return top
+
+    def _redirect_plan(
+        self, parent: Node, layer: int, redirect: bytes
+    ) -> list[tuple[int, bytes, bytes]]:
+        """Where lookup goes on below `layer` for a directory with a redirect xattr."""
+        parts = [p for p in redirect.split(b"/") if p]
+        if not parts or any(p in (b".", b"..") for p in parts):
+            return []  # a redirect that names nothing or climbs out: look no further
+        if redirect.startswith(b"/"):
+            head = b"".join(b"/" + p for p in parts[:-1])
+            return [
+                (k, self.lowers.root(k) + head, parts[-1])
+                for k in range(layer + 1, self.lowers.count + 1)
+            ]
+        if len(parts) != 1:
+            return []
+        return [(k, pdir, parts[0]) for k, pdir in parent.lowers if k > layer]
+
+    def _ino_of(self, found: Found) -> int:
+        if found.is_dir:
+            bottom_layer = found.lowers[-1][0] if found.lowers else found.layer
+            assert found.bottom_st is not None
+            return make_ino(bottom_layer, found.bottom_st.st_ino)
+        if found.layer == UPPER:
+            origin = xattrs.origin_ino(found.real)
+            if origin is not None:
+                return origin
+        return make_ino(found.layer, found.st.st_ino)
+
+    def _attach(self, parent: Node, name: bytes, found: Found) -> Node:
+        """The node for a resolved name, its location brought up to date."""
+        node = self.nodes.claim(self._ino_of(found), found.is_dir)
+        if found.is_dir:
+            node.parent, node.name = parent, name
+            node.lowers = found.lowers
+            node.in_upper = found.layer == UPPER
+        else:
+            node.links.add((parent, name))
+            if found.layer == UPPER:
+                node.in_upper = True
+            else:
+                node.in_upper = False
+                node.lower = (found.layer, found.real)
+                node.lower_st = found.st
+        return node
+
+    def lookup(self, parent: Node, name: bytes) -> Node:
+        """The node named `name` in `parent` (ENOENT, ENAMETOOLONG); one more kernel lookup."""
+        node = self._lookup_node(parent, name)
+        node.lookups += 1
+        return node
+
+    def _lookup_node(self, parent: Node, name: bytes) -> Node:
+        if name == b".":
+            return parent
+        if name == b"..":
+            return parent.parent or parent
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, name)
+        found = self._lookup(parent, name)
+        if found is None:
+            raise _err(errno.ENOENT, name)
+        return self._attach(parent, name, found)
+
+    def forget(self, ino: int, count: int) -> None:
+        self.nodes.forget(ino, count)
+
+    # ------------------------------------------------------------------ attributes
+    def getattr(self, node: Node) -> Attr:
+        if node.in_upper and not node.is_dir and not node.links and node.open_fds:
+            st = os.fstat(node.open_fds[0])  # unlinked, still open
+        elif node.in_upper:
+            st = os.lstat(self._upper_path(node))
+        elif node.is_dir:
+            listing = self.lowers.listing(node.lowers[0][1])
+            assert listing is not None
+            st = listing.st
+        else:
+            assert node.lower_st is not None
+            st = node.lower_st
+        nlink = st.st_nlink
+        if node.is_dir and (len(node.lowers) + node.in_upper) > 1:
+            nlink = 1  # as the kernel: counting subdirectories of a merge is not worth it
+        return Attr(node.ino, node.generation, st, nlink)
+
+    def readlink(self, node: Node) -> bytes:
+        return os.readlink(self.real_path(node))
+
+    def setattr(
+        self,
+        node: Node,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        handle: Handle | None = None,
+    ) -> Attr:
+        if size is not None and node.is_dir:
+            raise _err(errno.EISDIR)
+        self._require_upper()
+        self.copy_up(node, data_len=size)
+        real = self._upper_path(node)
+        if uid is not None or gid is not None:
+            os.chown(real, -1 if uid is None else uid, -1 if gid is None else gid,
+                     follow_symlinks=False)
+        if mode is not None:
+            os.chmod(real, stat.S_IMODE(mode))
+        if size is not None:
+            if handle is not None and handle.layer == UPPER and handle.flags & _ACCMODE:
+                os.ftruncate(handle.fd, size)
+            else:
+                os.truncate(real, size)
+        if atime_ns is not None or mtime_ns is not None:
+            if atime_ns is None or mtime_ns is None:
+                st = os.lstat(real)
+                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+            os.utime(real, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+        return self.getattr(node)
+
+    # ------------------------------------------------------------------ xattrs
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        return os.getxattr(self.real_path(node), xattrs.to_real(name), follow_symlinks=False)
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        names = os.listxattr(self.real_path(node), follow_symlinks=False)
+        visible = (xattrs.to_visible(n.encode()) for n in names)
+        return [n for n in visible if n is not None]
+
+    def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._require_upper()
+        self.copy_up(node)
+        os.setxattr(self._upper_path(node), xattrs.to_real(name), value, flags,
+                    follow_symlinks=False)
+
+    def removexattr(self, node: Node, name: bytes) -> None:
+        self._require_upper()
+        real_name = xattrs.to_real(name)
+        if not node.in_upper:
+            # as the kernel: removing what is not there copies nothing up
+            os.getxattr(self.real_path(node), real_name, follow_symlinks=False)
+        self.copy_up(node)
+        os.removexattr(self._upper_path(node), real_name, follow_symlinks=False)
+
+    # ------------------------------------------------------------------ directories
+    def listdir(self, node: Node) -> list[bytes]:
+        """The merged names of a directory, computed once until the directory changes."""
+        if node.listing is None:
+            node.listing = self._merge_listing(node)
+        return node.listing
+
+    def _merge_listing(self, node: Node) -> list[bytes]:
+        seen: dict[bytes, None] = {}
+        hidden: set[bytes] = set()
+        if node.in_upper:
+            with os.scandir(self._upper_path(node)) as it:
+                for entry in it:
+                    if _maybe_device(entry) and is_whiteout_stat(entry.stat(follow_symlinks=False)):
+                        hidden.add(entry.name)
+                    else:
+                        seen[entry.name] = None
+        for _layer, real in node.lowers:
+            listing = self.lowers.listing(real)
+            if listing is None:
+                continue
+            for name in listing.entries:
+                if name in seen or name in hidden:
+                    continue
+                if listing.classify(name) is WHITEOUT:
+                    hidden.add(name)
+                else:
+                    seen[name] = None
+            hidden |= listing.whiteouts
+        return sorted(seen)
+
+    def readdir_entry(self, node: Node, name: bytes) -> Node | None:
+        """The node of one listed name (no lookup counted), None if it vanished meanwhile."""
+        found = self._lookup(node, name)
+        return None if found is None else self._attach(node, name, found)
+
+    def is_empty(self, node: Node) -> bool:
+        return not self.listdir(node)
+
+    # ------------------------------------------------------------------ copy-up
+    def _require_upper(self) -> None:
+        if self.upper is None:
+            raise _err(errno.EROFS)
+
+    def _work(self) -> bytes:
+        assert self.work is not None
+        return self.work
+
+    def copy_up(self, node: Node, *, data_len: int | None = None) -> None:
+        """Give `node` an upper copy (atomic: staged in work, renamed into place)."""
+        if node.in_upper:
+            return
+        if node.is_dir:
+            self._copy_up_dir(node)
+            return
+        assert node.lower is not None and node.lower_st is not None
+        _layer, src = node.lower
+        st = node.lower_st
+        names = self._visible_names(node)
+        if not names:
+            raise _err(errno.ENOENT)
+        for parent, _name in names:
+            self._copy_up_dir(parent)
+        tmp = copyup.stage_object(self._work(), src, st, data_len=data_len,
+                                  sync=self.sync_copy_up)
+        xattrs.set_origin_ino(tmp, node.ino)
+        first = self.upper_child(names[0][0], names[0][1])
+        syscalls.renameat2(tmp, first, syscalls.RENAME_NOREPLACE)
+        for parent, name in names[1:]:
+            os.link(first, self.upper_child(parent, name))
+            node.links.add((parent, name))
+            parent.listing = None
+        node.in_upper = True
+
+    def _visible_names(self, node: Node) -> list[tuple[Node, bytes]]:
+        """The names under which the merged tree shows this lower file, for copy-up.
+
+        For a lower hard-linked file, that is every name of its group still visible, so that
+        the upper copy keeps the group together as one inode.
+        """
+        assert node.lower is not None and node.lower_st is not None
+        candidates = set(node.links)
+        if node.lower_st.st_nlink > 1:
+            for rel in self.lowers.hardlink_names(node.lower[0], node.lower_st.st_ino):
+                parts = rel.split(b"/")
+                parent = self.nodes.root
+                try:
+                    for part in parts[:-1]:
+                        parent = self._lookup_node(parent, part)
+                except OSError:
+                    continue
+                if parent.is_dir:
+                    candidates.add((parent, parts[-1]))
+        names: list[tuple[Node, bytes]] = []
+        for parent, name in sorted(candidates, key=lambda link: (link[0].path(), link[1])):
+            found = self._lookup(parent, name)
+            if found is not None and not found.is_dir and self._ino_of(found) == node.ino:
+                names.append((parent, name))
+        node.links = set(names)
+        return names
+
+    def _copy_up_dir(self, node: Node) -> None:
+        if node.in_upper:
+            return
+        assert node.parent is not None
+        self._copy_up_dir(node.parent)
+        src = node.lowers[0][1]
+        listing = self.lowers.listing(src)
+        assert listing is not None
+        tmp = copyup.stage_dir(self._work(), src, listing.st)
+        syscalls.renameat2(tmp, self.upper_child(node.parent, node.name),
+                           syscalls.RENAME_NOREPLACE)
+        node.in_upper = True
+
+    def upper_child(self, parent: Node, name: bytes) -> bytes:
+        return self._upper_path(parent) + b"/" + name
+
+    def _lower_has(self, parent: Node, name: bytes) -> bool:
+        """Whether the lower layers show `name` in `parent` (so deleting it needs a whiteout)."""
+        for _layer, pdir in parent.lowers:
+            listing = self.lowers.listing(pdir)
+            if listing is None:
+                continue
+            entry = listing.classify(name)
+            if entry is WHITEOUT:
+                return False
+            if entry is not None:
+                return True
+        return False
+
+    # ------------------------------------------------------------------ creating
+    def _prepare_create(self, parent: Node, name: bytes) -> bool:
+        """Check that `name` is free and the parent is in the upper; True over a whiteout."""
+        self._require_upper()
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, name)
+        if self._lookup(parent, name) is not None:
+            raise _err(errno.EEXIST, name)
+        self._copy_up_dir(parent)
+        parent.listing = None
+        return self._is_upper_whiteout(self.upper_child(parent, name))
+
+    def _owner(self, parent: Node, uid: int, gid: int, is_dir: bool) -> tuple[int, int, int]:
+        """Owner and extra mode bits of a new object: a setgid directory hands on its group."""
+        pst = os.lstat(self._upper_path(parent))
+        if pst.st_mode & stat.S_ISGID:
+            return uid, pst.st_gid, stat.S_ISGID if is_dir else 0
+        return uid, gid, 0
+
+    def _place(self, tmp: bytes, target: bytes, over_whiteout: bool, is_dir: bool) -> None:
+        """Move a staged new object to its name, replacing a whiteout atomically."""
+        if not over_whiteout:
+            syscalls.renameat2(tmp, target, syscalls.RENAME_NOREPLACE)
+        elif is_dir:
+            syscalls.renameat2(tmp, target, syscalls.RENAME_EXCHANGE)
+            os.unlink(tmp)  # the whiteout, swapped into the work dir
+        else:
+            os.rename(tmp, target)
+
+    def _new_object(
+        self, parent: Node, name: bytes, kind: int, mode: int, uid: int, gid: int,
+        *, rdev: int = 0, target: bytes = b"",
+    ) -> Node:
+        over_whiteout = self._prepare_create(parent, name)
+        is_dir = kind == stat.S_IFDIR
+        uid, gid, extra = self._owner(parent, uid, gid, is_dir)
+        tmp = copyup.work_name(self._work())
+        if is_dir:
+            os.mkdir(tmp, 0o700)
+        elif kind == stat.S_IFLNK:
+            os.symlink(target, tmp)
+        elif kind == stat.S_IFREG:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        else:
+            os.mknod(tmp, kind | 0o600, rdev)
+        os.chown(tmp, uid, gid, follow_symlinks=False)
+        if kind != stat.S_IFLNK:
+            os.chmod(tmp, stat.S_IMODE(mode) | extra)
+        if is_dir and over_whiteout:
+            xattrs.set_opaque(tmp)
+        real = self.upper_child(parent, name)
+        self._place(tmp, real, over_whiteout, is_dir)
+        found = self._lookup(parent, name)
+        assert found is not None
+        node = self._attach(parent, name, found)
+        node.lookups += 1
+        return node
+
+    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
+        return self._new_object(parent, name, stat.S_IFDIR, mode, uid, gid)
+
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
+        kind = stat.S_IFMT(mode)
+        if kind not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+            raise _err(errno.EINVAL, name)
+        return self._new_object(parent, name, kind, mode, uid, gid, rdev=rdev)
+
+    def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
+        return self._new_object(parent, name, stat.S_IFLNK, 0o777, uid, gid, target=target)
+
+    def create(
+        self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[Node, Handle]:
+        node = self._new_object(parent, name, stat.S_IFREG, mode, uid, gid)
+        return node, self.open(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+
+    def link(self, node: Node, new_parent: Node, new_name: bytes) -> Node:
+        if node.is_dir:
+            raise _err(errno.EPERM, new_name)
+        over_whiteout = self._prepare_create(new_parent, new_name)
+        self.copy_up(node)
+        target = self.upper_child(new_parent, new_name)
+        source = self._upper_path(node)
+        if over_whiteout:
+            tmp = copyup.work_name(self._work())
+            os.link(source, tmp)
+            os.rename(tmp, target)
+        else:
+            os.link(source, target)
+        node.links.add((new_parent, new_name))
+        node.lookups += 1
+        return node
+
+    # ------------------------------------------------------------------ removing
+    def unlink(self, parent: Node, name: bytes) -> None:
+        found = self._lookup(parent, name)
+        if found is None:
+            raise _err(errno.ENOENT, name)
+        if found.is_dir:
+            raise _err(errno.EISDIR, name)
+        self._require_upper()
+        node = self._attach(parent, name, found)
+        self._remove(parent, name, found)
+        node.links.discard((parent, name))
+        if found.layer == UPPER and found.st.st_nlink <= 1:
+            node.dead = True
+        self.nodes.maybe_drop(node)
+
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        found = self._lookup(parent, name)
+        if found is None:
+            raise _err(errno.ENOENT, name)
+        if not found.is_dir:
+            raise _err(errno.ENOTDIR, name)
+        self._require_upper()
+        node = self._attach(parent, name, found)
+        if node is self.nodes.root:
+            raise _err(errno.EBUSY, name)
+        if not self.is_empty(node):
+            raise _err(errno.ENOTEMPTY, name)
+        self._remove(parent, name, found)
+        node.dead = True
+        self.nodes.maybe_drop(node)
+
+    def _remove(self, parent: Node, name: bytes, found: Found) -> None:
+        """Delete a merged name: unlink the upper object, leave a whiteout where a lower shows."""
+        needs_whiteout = self._lower_has(parent, name)
+        self._copy_up_dir(parent)
+        parent.listing = None
+        real = self.upper_child(parent, name)
+        if found.layer != UPPER:
+            syscalls.make_whiteout(real)
+            return
+        if needs_whiteout:
+            tmp = copyup.work_name(self._work())
+            syscalls.make_whiteout(tmp)
+            if found.is_dir:
+                syscalls.renameat2(tmp, real, syscalls.RENAME_EXCHANGE)
+                copyup.remove_tree(tmp)  # the old dir: empty but for whiteouts
+            else:
+                os.rename(tmp, real)
+        elif found.is_dir:
+            self._clear_whiteouts(real)
+            os.rmdir(real)
+        else:
+            os.unlink(real)
+
+    @staticmethod
+    def _is_upper_whiteout(real: bytes) -> bool:
+        try:
+            return is_whiteout_stat(os.lstat(real))
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _clear_whiteouts(real: bytes) -> None:
+        """Empty an upper directory whose merged view is empty: only whiteouts are left."""
+        with os.scandir(real) as it:
+            for entry in it:
+                os.unlink(entry.path)
+
+    # ------------------------------------------------------------------ rename
+    def rename(
+        self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
+        flags: int = 0,
+    ) -> None:
+        noreplace = bool(flags & syscalls.RENAME_NOREPLACE)
+        exchange = bool(flags & syscalls.RENAME_EXCHANGE)
+        if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE) or (
+            noreplace and exchange
+        ):
+            raise _err(errno.EINVAL)
+        if len(new_name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, new_name)
+        src = self._lookup(old_parent, old_name)
+        if src is None:
+            raise _err(errno.ENOENT, old_name)
+        dst = self._lookup(new_parent, new_name)
+        if dst is not None and noreplace:
+            raise _err(errno.EEXIST, new_name)
+        if dst is None and exchange:
+            raise _err(errno.ENOENT, new_name)
+        self._require_upper()
+        snode = self._attach(old_parent, old_name, src)
+        dnode = self._attach(new_parent, new_name, dst) if dst is not None else None
+        if snode is dnode:
+            return  # two names of one file, or the same name: nothing to do
+        if snode.is_dir and snode.is_ancestor_of(new_parent):
+            raise _err(errno.EINVAL, new_name)
+        if exchange and dnode is not None and dnode.is_dir and dnode.is_ancestor_of(old_parent):
+            raise _err(errno.EINVAL, old_name)
+        if dst is not None and not exchange:
+            if src.is_dir and not dst.is_dir:
+                raise _err(errno.ENOTDIR, new_name)
+            if not src.is_dir and dst.is_dir:
+                raise _err(errno.EISDIR, new_name)
+            if dst.is_dir and dnode is not None and not self.is_empty(dnode):
+                raise _err(errno.ENOTEMPTY, new_name)
+        if exchange:
+            self._rename_exchange(old_parent, old_name, snode, new_parent, new_name, dnode)
+        else:
+            self._rename_move(old_parent, old_name, snode, new_parent, new_name, dst, dnode)
+        old_parent.listing = None
+        new_parent.listing = None
+
+    def _rename_move(
+        self, old_parent: Node, old_name: bytes, snode: Node,
+        new_parent: Node, new_name: bytes, dst: Found | None, dnode: Node | None,
+    ) -> None:
+        leave_whiteout = self._lower_has(old_parent, old_name)
+        self._copy_up_dir(old_parent)
+        self._copy_up_dir(new_parent)
+        self.copy_up(snode)
+        old_real = self.upper_child(old_parent, old_name)
+        new_real = self.upper_child(new_parent, new_name)
+        if snode.is_dir:
+            self._mark_moved_dir(snode, old_real, new_parent, new_name)
+        if dst is not None and dst.is_dir and dst.layer == UPPER:
+            self._clear_whiteouts(new_real)
+        if dst is None and snode.is_dir and self._is_upper_whiteout(new_real):
+            # a directory cannot replace the whiteout by rename: swap them instead
+            syscalls.renameat2(old_real, new_real, syscalls.RENAME_EXCHANGE)
+            if not leave_whiteout:
+                os.unlink(old_real)
+        else:
+            flags = syscalls.RENAME_WHITEOUT if leave_whiteout else 0
+            syscalls.renameat2(old_real, new_real, flags)
+        if dnode is not None:
+            if dnode.is_dir:
+                dnode.dead = True
+            else:
+                dnode.links.discard((new_parent, new_name))
+                if dst is not None and dst.layer == UPPER and dst.st.st_nlink <= 1:
+                    dnode.dead = True
+            self.nodes.maybe_drop(dnode)
+        self._move_node(snode, old_parent, old_name, new_parent, new_name)
+
+    def _rename_exchange(
+        self, old_parent: Node, old_name: bytes, snode: Node,
+        new_parent: Node, new_name: bytes, dnode: Node | None,
+    ) -> None:
+        assert dnode is not None
+        self._copy_up_dir(old_parent)
+        self._copy_up_dir(new_parent)
+        self.copy_up(snode)
+        self.copy_up(dnode)
+        old_real = self.upper_child(old_parent, old_name)
+        new_real = self.upper_child(new_parent, new_name)
+        if snode.is_dir:
+            self._mark_moved_dir(snode, old_real, new_parent, new_name)
+        if dnode.is_dir:
+            self._mark_moved_dir(dnode, new_real, old_parent, old_name)
+        syscalls.renameat2(old_real, new_real, syscalls.RENAME_EXCHANGE)
+        self._move_node(snode, old_parent, old_name, new_parent, new_name)
+        self._move_node(dnode, new_parent, new_name, old_parent, old_name)
+
+    def _mark_moved_dir(self, node: Node, real: bytes, new_parent: Node, new_name: bytes) -> None:
+        """Before a directory moves: keep its lower parts (redirect) or hide the new place's.
+
+        Set before the rename, so a crash cannot leave a moved directory merged with the wrong
+        lower directory.
+        """
+        if node.lowers:
+            layer, lower_real = node.lowers[0]
+            xattrs.set_redirect(real, lower_real[len(self.lowers.root(layer)) :] or b"/")
+        elif self._lower_has(new_parent, new_name):
+            xattrs.set_opaque(real)
+
+    @staticmethod
+    def _move_node(
+        node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes
+    ) -> None:
+        if node.is_dir:
+            node.parent, node.name = new_parent, new_name
+        else:
+            node.links.discard((old_parent, old_name))
+            node.links.add((new_parent, new_name))
+
+    # ------------------------------------------------------------------ files
+    def open(self, node: Node, flags: int) -> Handle:
+        """Open the real object; writing (or O_TRUNC) copies up, reading never does."""
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        writing = bool(flags & (os.O_WRONLY | os.O_RDWR)) or bool(flags & os.O_TRUNC)
+        if writing:
+            self._require_upper()
+            self.copy_up(node, data_len=0 if flags & os.O_TRUNC else None)
+        real = self.real_path(node)
+        open_flags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC
+        fd = os.open(real, open_flags | os.O_NOFOLLOW)
+        node.opens += 1
+        node.open_fds.append(fd)
+        return Handle(node, fd, UPPER if node.in_upper else 1, flags)
+
+    def read(self, handle: Handle, off: int, size: int) -> bytes:
+        if handle.layer != UPPER and handle.node.in_upper:
+            # copied up since it was opened: read what the merged tree shows now
+            fd = os.open(self._upper_path(handle.node), os.O_RDONLY | os.O_CLOEXEC)
+            self._forget_fd(handle)
+            handle.fd, handle.layer = fd, UPPER
+            handle.node.open_fds.append(fd)
+        return os.pread(handle.fd, size, off)
+
+    def write(self, handle: Handle, off: int, data: bytes) -> int:
+        return os.pwrite(handle.fd, data, off)
+
+    def fsync(self, handle: Handle, datasync: bool) -> None:
+        if datasync:
+            os.fdatasync(handle.fd)
+        else:
+            os.fsync(handle.fd)
+
+    @staticmethod
+    def _forget_fd(handle: Handle) -> None:
+        os.close(handle.fd)
+        if handle.fd in handle.node.open_fds:
+            handle.node.open_fds.remove(handle.fd)
+
+    def release(self, handle: Handle) -> None:
+        self._forget_fd(handle)
+        handle.node.opens -= 1
+        self.nodes.maybe_drop(handle.node)
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.upper if self.upper is not None else self.lowers.root(1))
+
+    def access(self, node: Node, mode: int, uid: int, gids: list[int]) -> None:
+        """access(2) from the attributes (EACCES), as the kernel's generic_permission does."""
+        if mode == os.F_OK:
+            return
+        if mode & os.W_OK and self.upper is None:
+            raise _err(errno.EROFS)
+        st = self.getattr(node).st
+        if uid == 0:
+            if mode & os.X_OK and not node.is_dir and not st.st_mode & 0o111:
+                raise _err(errno.EACCES)
+            return
+        if st.st_uid == uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid in gids:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        if mode & ~bits & 7:
+            raise _err(errno.EACCES)
+
+
+def _maybe_device(entry: os.DirEntry[bytes]) -> bool:
+    """d_type says neither dir, file nor symlink: a device, fifo or socket, worth a stat."""
+    return not (
+        entry.is_dir(follow_symlinks=False)
+        or entry.is_file(follow_symlinks=False)
+        or entry.is_symlink()
+    )

@@ -1,0 +1,127 @@
+"""Read-only views of the lower layers: cached directory listings and hard-link groups.
+
+Lower layers never change while mounted (the overlay contract, as for the kernel), so each lower
+directory is listed once, with `lstat` results cached on the entries, and answers every later
+lookup from memory. This module knows the whiteout and opacity forms that may appear in a lower
+layer (character device 0/0, `.wh.NAME` files, `.wh..wh..opq`, the opaque and redirect xattrs)
+and nothing of the upper layer or of the merge.
+
+Single-threaded: the engine calls it under its own lock.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from layerfs.oci import whiteout
+from layerfs.overlay import xattrs
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+class Hidden:
+    """The answer for a name that a whiteout in this directory deletes."""
+
+
+WHITEOUT = Hidden()
+
+
+@dataclass(slots=True)
+class LowerDir:
+    """One real directory of one lower layer, listed once."""
+
+    real: bytes
+    st: os.stat_result
+    entries: dict[bytes, os.DirEntry[bytes]]
+    whiteouts: frozenset[bytes]
+    opaque: bool
+    redirect: bytes | None
+
+    def classify(self, name: bytes) -> os.DirEntry[bytes] | Hidden | None:
+        """The entry for `name`, WHITEOUT if this layer deletes it, None if it says nothing."""
+        entry = self.entries.get(name)
+        if entry is None:
+            return WHITEOUT if name in self.whiteouts else None
+        if is_whiteout_stat(entry.stat(follow_symlinks=False)):
+            return WHITEOUT
+        return entry
+
+
+class LowerLayers:
+    """The ordered lower layers (index 1 is the top one) and their cached listings."""
+
+    def __init__(self, roots: list[bytes]) -> None:
+        self.roots = roots
+        self._dirs: dict[bytes, LowerDir | None] = {}
+        self._groups: dict[int, dict[int, list[bytes]]] = {}
+
+    def root(self, layer: int) -> bytes:
+        return self.roots[layer - 1]
+
+    @property
+    def count(self) -> int:
+        return len(self.roots)
+
+    def listing(self, real: bytes) -> LowerDir | None:
+        """The listing of a real lower directory; None where there is no directory."""
+        try:
+            return self._dirs[real]
+        except KeyError:
+            pass
+        result = self._list(real)
+        self._dirs[real] = result
+        return result
+
+    @staticmethod
+    def _list(real: bytes) -> LowerDir | None:
+        try:
+            st = os.lstat(real)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        entries: dict[bytes, os.DirEntry[bytes]] = {}
+        hidden: set[bytes] = set()
+        opaque = False
+        with os.scandir(real) as it:
+            for entry in it:
+                name = entry.name
+                if whiteout.is_whiteout_name(name):
+                    if whiteout.is_opaque_marker(name):
+                        opaque = True
+                    else:
+                        target = whiteout.whiteout_target(name)
+                        if target is not None:
+                            hidden.add(target)
+                    continue
+                entry.stat(follow_symlinks=False)  # cached on the entry from now on
+                entries[name] = entry
+        opaque = opaque or xattrs.is_opaque_dir(real)
+        redirect = xattrs.redirect_of(real)
+        return LowerDir(real, st, entries, frozenset(hidden), opaque, redirect)
+
+    def hardlink_names(self, layer: int, st_ino: int) -> list[bytes]:
+        """Every path (relative to the layer root) of lower file `st_ino` in `layer`.
+
+        Built on first use by one walk of the layer, for files with more than one link.
+        """
+        groups = self._groups.get(layer)
+        if groups is None:
+            groups = self._index_hardlinks(self.root(layer))
+            self._groups[layer] = groups
+        return groups.get(st_ino, [])
+
+    @staticmethod
+    def _index_hardlinks(root: bytes) -> dict[int, list[bytes]]:
+        groups: dict[int, list[bytes]] = {}
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                    groups.setdefault(st.st_ino, []).append(os.path.relpath(path, root))
+        return groups

@@ -1,0 +1,124 @@
+"""Inodes of the merged tree: identity, numbering and where each one lives.
+
+A `Node` is what the kernel holds a reference to. Its number is stable and unique (xino
+style): the layer an object comes from sits in the high bits and its real inode number in the
+low bits, so a lower file keeps its number across copy-up (recorded in an xattr on the upper
+copy) and across remounts, and `readdir` can give the same number as `stat` without a lookup.
+
+Directories form a tree (`parent`, `name`): their path follows renames of any ancestor with
+one assignment. Other objects can have several names (hard links), kept in `links`.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import os
+
+ROOT_INO = 1
+_LAYER_SHIFT = 48
+_INO_MASK = (1 << _LAYER_SHIFT) - 1
+
+UPPER = 0
+"""Layer index of the upper dir; lower layers are 1..n, top first."""
+
+
+def make_ino(layer: int, st_ino: int) -> int:
+    """The merged inode number of real inode `st_ino` of `layer`."""
+    if st_ino > _INO_MASK:  # wider than the space we reserve: fold, accepting a rare clash
+        st_ino = (st_ino ^ (st_ino >> _LAYER_SHIFT)) & _INO_MASK
+    return ((layer + 1) << _LAYER_SHIFT) | st_ino
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    ino: int
+    is_dir: bool
+    generation: int = 0
+    lookups: int = 0
+    opens: int = 0
+    dead: bool = False
+    in_upper: bool = False
+    # directories
+    parent: Node | None = None
+    name: bytes = b""
+    lowers: tuple[tuple[int, bytes], ...] = ()
+    listing: list[bytes] | None = None
+    # everything else
+    links: set[tuple[Node, bytes]] = field(default_factory=set)
+    lower: tuple[int, bytes] | None = None
+    lower_st: os.stat_result | None = None
+    open_fds: list[int] = field(default_factory=list)
+
+    def path(self) -> bytes:
+        """The merged path of a directory, b"" for the root, b"/a/b" below it."""
+        parts: list[bytes] = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return b"".join(b"/" + part for part in reversed(parts))
+
+    def is_ancestor_of(self, other: Node) -> bool:
+        node: Node | None = other
+        while node is not None:
+            if node is self:
+                return True
+            node = node.parent
+        return False
+
+
+class NodeTable:
+    """Number → node, with the kernel's lookup counts."""
+
+    def __init__(self, root: Node) -> None:
+        self.root = root
+        self._nodes: dict[int, Node] = {ROOT_INO: root}
+
+    def __getitem__(self, ino: int) -> Node:
+        return self._nodes[ino]
+
+    def get(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
+    def claim(self, ino: int, is_dir: bool) -> Node:
+        """The live node with number `ino`, made anew where there is none or it is dead.
+
+        A dead node's number came back (the upper filesystem reused an inode number): the
+        generation goes up so that the kernel does not take the new object for the old one.
+        """
+        node = self._nodes.get(ino)
+        if node is not None and not node.dead and node.is_dir == is_dir:
+            return node
+        generation = node.generation + 1 if node is not None else 0
+        fresh = Node(ino=ino, is_dir=is_dir, generation=generation)
+        if node is not None:
+            fresh.lookups = node.lookups
+        self._nodes[ino] = fresh
+        return fresh
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self._nodes.get(ino)
+        if node is None or node is self.root:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self.maybe_drop(node)
+
+    def maybe_drop(self, node: Node) -> None:
+        """Drop a node nobody holds. Live directories stay: their children point at them."""
+        if node.lookups or node.opens or node is self.root:
+            return
+        if node.is_dir and not node.dead:
+            return
+        if self._nodes.get(node.ino) is node:
+            del self._nodes[node.ino]
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+
+def file_type(mode: int) -> int:
+    return stat.S_IFMT(mode)
