@@ -296,13 +296,25 @@ class OverlayOperations(pyfuse3.Operations):
     @fuse_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dirs[fh]
+        node = handle.node
+        # "." and ".." first, as real filesystems list them; the kernel takes no
+        # reference on them, so they count no lookup.
+        if start_id == 0:
+            if not pyfuse3.readdir_reply(token, b".", self._node_entry(node), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            dotdot = node.parent or node
+            if not pyfuse3.readdir_reply(token, b"..", self._node_entry(dotdot), 2):
+                return
+            start_id = 2
         names = handle.names
-        for index in range(start_id, len(names)):
+        for index in range(start_id - 2, len(names)):
             name = names[index]
-            child = self._engine.readdir_entry(handle.node, name)
+            child = self._engine.readdir_entry(node, name)
             if child is None:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._node_entry(child), index + 1):
+            if not pyfuse3.readdir_reply(token, name, self._node_entry(child), index + 3):
                 return
             child.lookups += 1
 
