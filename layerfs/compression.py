@@ -168,7 +168,13 @@ def open_writer(
             mtime=0,
         )
     if compression is Compression.ZSTD:
-        return zstd.ZstdFile(stream, mode="w", level=ZSTD_LEVEL if level is None else level)
+        options: dict[int, int] = {
+            zstd.CompressionParameter.compression_level: ZSTD_LEVEL if level is None else level,
+            # A frame checksum, as Docker's encoder (klauspost/compress) writes by default: a
+            # reader then detects damage without the blob digest.
+            zstd.CompressionParameter.checksum_flag: 1,
+        }
+        return zstd.ZstdFile(stream, mode="w", options=options)
     return _Uncloseable(stream)
 
 

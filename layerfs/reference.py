@@ -108,7 +108,7 @@ class Reference:
         domain, path = _split_domain(name)
         if path.lower() != path:
             raise fail("repository name must be lowercase")
-        if domain is not DEFAULT_DOMAIN and _DOMAIN.fullmatch(domain) is None:
+        if _DOMAIN.fullmatch(domain) is None:
             raise fail(f"invalid registry domain {domain!r}")
         for component in path.split("/"):
             if _PATH_COMPONENT.fullmatch(component) is None:
