@@ -11,13 +11,17 @@ import errno
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerfs.overlay import syscalls
-from layerfs.overlay.engine import Engine
-from layerfs.overlay.nodes import Node
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from layerfs.overlay.engine import Engine
+    from layerfs.overlay.nodes import Node
 
 VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 OVERLAY_CMD = str(VENV_BIN / "layerfs-overlay")
@@ -283,8 +287,11 @@ def mounted_overlay(
     option = layers.option()
     if log is not None:
         option += f",log={log}"
-    subprocess.run([OVERLAY_CMD, "-o", option, *extra, str(mnt)], check=True,
-                   env={**os.environ, "LAYERFS_STRICT": "1"})
+    subprocess.run(
+        [OVERLAY_CMD, "-o", option, *extra, str(mnt)],
+        check=True,
+        env={**os.environ, "LAYERFS_STRICT": "1"},
+    )
     try:
         yield MountFS(mnt)
     finally:
@@ -295,9 +302,15 @@ def mounted_overlay(
 def kernel_overlay(layers: Layers, mnt: Path) -> Iterator[MountFS]:
     lower = ":".join(str(p) for p in layers.lowers)
     subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o",
-         f"lowerdir={lower},upperdir={layers.upper},workdir={layers.work},redirect_dir=on",
-         str(mnt)],
+        [
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={lower},upperdir={layers.upper},workdir={layers.work},redirect_dir=on",
+            str(mnt),
+        ],
         check=True,
     )
     try:

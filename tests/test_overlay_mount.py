@@ -1,0 +1,198 @@
+"""The `layerfs-overlay` command: both call forms, refusals, and the daemon's life and death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fsapi import OVERLAY_CMD, Layers, MountFS, is_mounted, mounted_overlay, unmount
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> Layers:
+    lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    (lower / "big").write_bytes(os.urandom(1 << 20))
+    (lower / "dir").mkdir()
+    (lower / "dir" / "f").write_bytes(b"f")
+    return Layers([lower], upper, work)
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Path:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    return path
+
+
+def run_overlay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([OVERLAY_CMD, *args], capture_output=True, text=True, timeout=30)
+
+
+def daemon_pid(mnt: Path) -> int:
+    """The pid of the daemon serving `mnt`: the layerfs-overlay process named with it."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"layerfs-overlay" in part for part in cmdline) and str(mnt).encode() in cmdline:
+            return int(pid)
+    raise AssertionError(f"no daemon found for {mnt}")
+
+
+def wait_gone(pid: int, deadline: float = 10.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"daemon {pid} did not exit")
+
+
+def test_mount_fuse3_call_form_with_generic_options(layers: Layers, mnt: Path) -> None:
+    result = run_overlay("overlay", str(mnt), "-o", f"rw,dev,suid,noatime,{layers.option()}")
+    assert result.returncode == 0, result.stderr
+    try:
+        assert MountFS(mnt).listdir() == ["big", "dir"]
+    finally:
+        unmount(mnt)
+
+
+def test_mount_through_mount8(layers: Layers, mnt: Path) -> None:
+    if not Path("/usr/local/bin/layerfs-overlay").exists():
+        pytest.skip("tools/setup links layerfs-overlay into /usr/local/bin for mount(8)")
+    subprocess.run(["mount", "-t", "fuse.layerfs-overlay", "overlay", str(mnt), "-o",
+                    layers.option()], check=True)
+    try:
+        assert MountFS(mnt).read("dir/f") == b"f"
+    finally:
+        unmount(mnt)
+
+
+def test_lowerdir_alone_is_read_only(layers: Layers, mnt: Path) -> None:
+    result = run_overlay("-o", f"lowerdir={layers.lowers[0]}", str(mnt))
+    assert result.returncode == 0, result.stderr
+    try:
+        with pytest.raises(OSError) as info:
+            MountFS(mnt).write("new", b"x")
+        assert info.value.errno == 30  # EROFS
+    finally:
+        unmount(mnt)
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda L, m: ["-o", L.option(), str(m / "missing")], "does not exist"),
+        (lambda L, m: ["-o", L.option(), str(L.lowers[0] / "big")], "not a directory"),
+        (lambda L, m: ["-o", L.option(), str(L.upper)], "inside upperdir"),
+        (lambda L, m: ["-o", L.option(), str(L.lowers[0] / "dir")], "inside lowerdir"),
+        (lambda L, m: ["-o", L.option().replace("lower,", "nolower,"), str(m)],
+         "lowerdir"),
+        (lambda L, m: ["-o", L.option() + ",bogus=1", str(m)], "bogus: unknown option"),
+        (lambda L, m: ["-o", f"upperdir={L.upper},workdir={L.work}", str(m)], "lowerdir"),
+        (lambda L, m: ["-o", L.option().replace(f"workdir={L.work}", "workdir=/dev/shm"),
+                       str(m)], "not on the filesystem"),
+    ],
+)
+def test_bad_requests_are_refused_before_mounting(
+    layers: Layers, mnt: Path, make_args: object, message: str
+) -> None:
+    result = run_overlay(*make_args(layers, mnt))  # type: ignore[operator]
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not is_mounted(mnt)
+
+
+def test_second_mount_of_a_live_upper_is_refused(layers: Layers, mnt: Path,
+                                                 tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    with mounted_overlay(layers, mnt):
+        result = run_overlay("-o", layers.option(), str(other))
+        assert result.returncode != 0
+        assert "in use by another live mount" in result.stderr
+        assert not is_mounted(other)
+
+
+def test_sigterm_unmounts_cleanly(layers: Layers, mnt: Path) -> None:
+    assert run_overlay("-o", layers.option(), str(mnt)).returncode == 0
+    pid = daemon_pid(mnt)
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(pid)
+    assert not is_mounted(mnt)
+
+
+def test_fusermount_unmount_ends_the_daemon(layers: Layers, mnt: Path) -> None:
+    assert run_overlay("-o", layers.option(), str(mnt)).returncode == 0
+    pid = daemon_pid(mnt)
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+    wait_gone(pid)
+
+
+def test_sigkill_leaves_the_upper_consistent_and_remount_works(
+    layers: Layers, mnt: Path
+) -> None:
+    assert run_overlay("-o", layers.option(), str(mnt)).returncode == 0
+    fs = MountFS(mnt)
+    fs.write("dir/new", b"new")
+    before = fs.stat("big").st_ino
+    pid = daemon_pid(mnt)
+    # kill it in the middle of work: a copy-up of the big file
+    writer = subprocess.Popen(["sh", "-c", f"echo x >> {mnt}/big"],
+                              stderr=subprocess.DEVNULL)
+    os.kill(pid, signal.SIGKILL)
+    writer.wait(timeout=10)
+    wait_gone(pid)
+    unmount(mnt)  # the kernel keeps the dead mount (ENOTCONN) until it is unmounted
+    for entry in layers.upper.rglob("*"):
+        assert not entry.name.startswith("#"), f"staged copy under its real name: {entry}"
+    with mounted_overlay(layers, mnt) as fs2:
+        assert fs2.read("dir/new") == b"new"
+        big = fs2.read("big")
+        lower = (layers.lowers[0] / "big").read_bytes()
+        assert big in (lower, lower + b"x\n")  # old state or new one, never half
+        assert fs2.stat("big").st_ino == before
+    assert not any(p.name.startswith("#") for p in layers.work.iterdir())
+
+
+def test_inode_numbers_survive_remount(layers: Layers, mnt: Path) -> None:
+    with mounted_overlay(layers, mnt) as fs:
+        before = {n: fs.stat(n).st_ino for n in ("big", "dir", "dir/f")}
+        fs.chmod("big", 0o600)
+        fs.rename("dir", "dir2")
+    with mounted_overlay(layers, mnt) as fs:
+        after = {"big": fs.stat("big").st_ino, "dir": fs.stat("dir2").st_ino,
+                 "dir/f": fs.stat("dir2/f").st_ino}
+    assert before == after
+
+
+def test_chroot_runs_a_static_busybox(tmp_path: Path, mnt: Path) -> None:
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        pytest.skip("busybox-static is installed by tools/setup")
+    lower, upper, work = (tmp_path / n for n in ("rootfs", "up", "wk"))
+    for d in (lower / "bin", upper, work):
+        d.mkdir(parents=True)
+    (lower / "bin" / "busybox").write_bytes(busybox.read_bytes())
+    os.chmod(lower / "bin" / "busybox", 0o755)
+    os.symlink("busybox", lower / "bin" / "sh")
+    with mounted_overlay(Layers([lower], upper, work), mnt):
+        out = subprocess.run(
+            ["chroot", str(mnt), "/bin/sh", "-c", "echo hi > /greeting; /bin/busybox cat /greeting"],
+            capture_output=True, text=True, check=True,
+        )
+        assert out.stdout == "hi\n"
+    assert (upper / "greeting").read_text() == "hi\n"
