@@ -191,7 +191,7 @@ def test_chroot_runs_a_static_busybox(tmp_path: Path, mnt: Path) -> None:
     os.symlink("busybox", lower / "bin" / "sh")
     with mounted_overlay(Layers([lower], upper, work), mnt):
         out = subprocess.run(
-            ["chroot", str(mnt), "/bin/sh", "-c", "echo hi > /greeting; /bin/busybox cat /greeting"],
+            ["chroot", str(mnt), "/bin/sh", "-c", "echo hi > /greeting; busybox cat /greeting"],
             capture_output=True, text=True, check=True,
         )
         assert out.stdout == "hi\n"

@@ -10,14 +10,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from layerfs.overlay import syscalls
 from layerfs.overlay.engine import Engine
 from tests.fsapi import EngineFS, Layers, MountFS, kernel_overlay, mounted_overlay
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
 
 FS = EngineFS | MountFS
 SPARSE_SIZE = 8 << 20
@@ -74,8 +77,11 @@ def build_layers(base: Path) -> Layers:
 def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[FS, Layers]]:
     layers = build_layers(tmp_path)
     if request.param == "engine":
-        engine = Engine([os.fsencode(p) for p in layers.lowers], os.fsencode(layers.upper),
-                        os.fsencode(layers.work))
+        engine = Engine(
+            [os.fsencode(p) for p in layers.lowers],
+            os.fsencode(layers.upper),
+            os.fsencode(layers.work),
+        )
         yield EngineFS(engine), layers
         return
     mnt = tmp_path / "mnt"
@@ -342,6 +348,10 @@ def test_inode_numbers_stable_across_copy_up(env: tuple[FS, Layers]) -> None:
     fs.write("d/f1", b"x", 0, create=False)
     fs.write("hl1", b"x", 0, create=False)
     fs.rename("d", "d3")
-    after = {"a": fs.stat("a").st_ino, "d": fs.stat("d3").st_ino,
-             "d/f1": fs.stat("d3/f1").st_ino, "hl1": fs.stat("hl1").st_ino}
+    after = {
+        "a": fs.stat("a").st_ino,
+        "d": fs.stat("d3").st_ino,
+        "d/f1": fs.stat("d3/f1").st_ino,
+        "hl1": fs.stat("hl1").st_ino,
+    }
     assert before == after
