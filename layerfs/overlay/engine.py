@@ -17,14 +17,19 @@ hard-linked group copies the whole visible group as one upper inode.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from layerfs.overlay import copyup, syscalls, xattrs
 from layerfs.overlay.lowers import WHITEOUT, Hidden, LowerLayers, is_whiteout_stat
 from layerfs.overlay.nodes import ROOT_INO, UPPER, Node, NodeTable, make_ino
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 NAME_MAX = 255
 _ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
@@ -380,12 +385,22 @@ class Engine:
                                   sync=self.sync_copy_up)
         xattrs.set_origin_ino(tmp, node.ino)
         first = self.upper_child(names[0][0], names[0][1])
-        syscalls.renameat2(tmp, first, syscalls.RENAME_NOREPLACE)
+        with self._parent_times_kept(names[0][0]):
+            syscalls.renameat2(tmp, first, syscalls.RENAME_NOREPLACE)
         for parent, name in names[1:]:
-            os.link(first, self.upper_child(parent, name))
+            with self._parent_times_kept(parent):
+                os.link(first, self.upper_child(parent, name))
             node.links.add((parent, name))
             parent.listing = None
         node.in_upper = True
+
+    @contextlib.contextmanager
+    def _parent_times_kept(self, parent: Node) -> Iterator[None]:
+        """Copy-up changes no merged timestamp: the parent's times are put back after it."""
+        real = self._upper_path(parent)
+        st = os.lstat(real)
+        yield
+        os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
     def _visible_names(self, node: Node) -> list[tuple[Node, bytes]]:
         """The names under which the merged tree shows this lower file, for copy-up.
@@ -423,8 +438,9 @@ class Engine:
         listing = self.lowers.listing(src)
         assert listing is not None
         tmp = copyup.stage_dir(self._work(), src, listing.st)
-        syscalls.renameat2(tmp, self.upper_child(node.parent, node.name),
-                           syscalls.RENAME_NOREPLACE)
+        with self._parent_times_kept(node.parent):
+            syscalls.renameat2(tmp, self.upper_child(node.parent, node.name),
+                               syscalls.RENAME_NOREPLACE)
         node.in_upper = True
 
     def upper_child(self, parent: Node, name: bytes) -> bytes:
@@ -508,6 +524,8 @@ class Engine:
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
             raise _err(errno.EINVAL, name)
+        if kind == stat.S_IFCHR and rdev == 0:
+            raise _err(errno.EPERM, name)  # as the kernel: that is a whiteout
         return self._new_object(parent, name, kind, mode, uid, gid, rdev=rdev)
 
     def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
