@@ -1,0 +1,23 @@
+"""Command line: `python -m benchmarks overlay [--runs N] [--quick] [--skip SYSTEM] [--out DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmarks import overlay
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    overlay.add_arguments(
+        commands.add_parser("overlay", help="copy-on-write benchmark against fuse-overlayfs, "
+                            "the kernel's overlayfs and a plain directory")
+    )
+    args = parser.parse_args(argv)
+    return overlay.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,174 @@
+"""Results: raw timings, their summary, the markdown table and the machine facts.
+
+Knows nothing about how timings were taken; it only turns them into the JSON and markdown files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import mounts
+from benchmarks.procs import REPO_ROOT, CommandError, run
+
+RATIOS = (("layerfs", "kernel"), ("layerfs", "fuse-overlayfs"))
+
+
+@dataclass(slots=True)
+class Results:
+    systems: list[str]
+    labels: dict[str, str]  # workload key → row label, in row order
+    timings: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    failures: list[dict[str, object]] = field(default_factory=list)
+
+    def add(self, workload: str, system: str, seconds: float) -> None:
+        self.timings.setdefault(workload, {}).setdefault(system, []).append(seconds)
+
+    def fail(self, group: str, system: str, run_index: int, error: BaseException) -> None:
+        self.failures.append(
+            {"group": group, "system": system, "run": run_index, "error": str(error)}
+        )
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        return {
+            workload: {
+                system: {
+                    "median": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                    "runs": len(values),
+                }
+                for system, values in by_system.items()
+            }
+            for workload, by_system in self.timings.items()
+        }
+
+
+def markdown(results: Results, title: str) -> str:
+    """Medians in seconds with layerfs ratios, then min-max per cell, then any failures."""
+    summary = results.summary()
+    ratios = [pair for pair in RATIOS if set(pair) <= set(results.systems)]
+    header = ["workload", *results.systems, *(f"{a}/{b}" for a, b in ratios)]
+    lines = [f"### {title}", "", "Median seconds (lower is better).", "", *_table_head(header)]
+    for key, label in results.labels.items():
+        cells = [_median_cell(summary, key, system) for system in results.systems]
+        cells += [_ratio_cell(summary, key, a, b) for a, b in ratios]
+        lines.append(_row([label, *cells]))
+    lines += ["", "Min - max seconds.", "", *_table_head(["workload", *results.systems])]
+    for key, label in results.labels.items():
+        lines.append(_row([label, *(_range_cell(summary, key, s) for s in results.systems)]))
+    if results.failures:
+        lines += ["", "Failures:", ""]
+        lines += [f"- {f['system']} / {f['group']} (run {f['run']}): {f['error']}"
+                  for f in results.failures]
+    return "\n".join(lines) + "\n"
+
+
+def machine_facts(cache_dir: Path) -> dict[str, object]:
+    cache_fs = mounts.filesystem_of(cache_dir)
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "kernel": platform.release(),
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory": _meminfo("MemTotal"),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+        "cache_dir": str(cache_dir),
+        "cache_dir_filesystem": {"type": cache_fs.fs_type, "source": cache_fs.source,
+                                 "options": cache_fs.mount_options},
+        "cache_dir_ext4_journal": _ext4_journal(cache_fs.source),
+        "page_cache_reclaim": _damon_pageout(),
+        "python": platform.python_version(),
+        "fusermount3": _first_line(["fusermount3", "--version"]),
+        "layerfs_git": _first_line(["git", "-C", str(REPO_ROOT), "describe", "--always",
+                                    "--dirty"]),
+    }
+
+
+def write_outputs(out_dir: Path, stem: str, document: dict[str, object], table: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(table)
+    return out_dir / f"{stem}.md"
+
+
+def _table_head(header: list[str]) -> list[str]:
+    return [_row(header), _row(["---", *(["---:"] * (len(header) - 1))])]
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _median_cell(summary: dict[str, dict[str, dict[str, float]]], key: str, system: str) -> str:
+    stats = summary.get(key, {}).get(system)
+    return _seconds(stats["median"]) if stats else "—"
+
+
+def _range_cell(summary: dict[str, dict[str, dict[str, float]]], key: str, system: str) -> str:
+    stats = summary.get(key, {}).get(system)
+    return f"{_seconds(stats['min'])} - {_seconds(stats['max'])}" if stats else "—"
+
+
+def _ratio_cell(summary: dict[str, dict[str, dict[str, float]]], key: str, a: str, b: str) -> str:
+    ours, theirs = summary.get(key, {}).get(a), summary.get(key, {}).get(b)
+    if not ours or not theirs or theirs["median"] <= 0:
+        return "—"
+    return f"{ours['median'] / theirs['median']:.2f}"
+
+
+def _seconds(value: float) -> str:
+    # Three significant digits, but never scientific notation: 0.000123, 0.0123, 1.23, 123.
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}" if value >= 1e-4 else f"{value:.6f}"
+
+
+def _ext4_journal(source: str) -> str:
+    # Without a journal ext4 delays reusing freed inodes by 60 s, which shapes create timings.
+    task = Path("/sys/fs/ext4") / Path(source).name / "journal_task"
+    return task.read_text().strip() if task.exists() else "not ext4 or unknown"
+
+
+def _damon_pageout() -> str:
+    """Describe a DAMON `pageout` scheme, which evicts page cache left idle (warm data decays)."""
+    kdamonds = Path("/sys/kernel/mm/damon/admin/kdamonds")
+    found = []
+    for action in sorted(kdamonds.glob("*/contexts/*/schemes/*/action")):
+        scheme = action.parent
+        if action.read_text().strip() == "pageout":
+            age = (scheme / "access_pattern/age/min").read_text().strip()
+            quota = (scheme / "quotas/bytes").read_text().strip()
+            found.append(f"DAMON pageout of regions idle for >= {age} aggregation intervals, "
+                         f"quota {quota} bytes per reset interval")
+    return "; ".join(found) or "none found"
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _meminfo(key: str) -> str:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        return run(argv, capture=True, timeout=30).strip().splitlines()[0]
+    except (CommandError, OSError, IndexError) as exc:
+        return f"unknown ({exc})"
