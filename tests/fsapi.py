@@ -180,7 +180,7 @@ class EngineFS:
         node = self.node(path)
         out = {}
         for name in self.engine.listdir(node):
-            child = self.engine.readdir_entry(node, name)
+            child = self.engine.child(node, name)
             assert child is not None
             out[name.decode()] = child.ino
         return out

@@ -196,3 +196,31 @@ def test_chroot_runs_a_static_busybox(tmp_path: Path, mnt: Path) -> None:
         )
         assert out.stdout == "hi\n"
     assert (upper / "greeting").read_text() == "hi\n"
+
+
+def test_concurrent_writers_of_a_big_lower_file_share_one_copy_up(
+    tmp_path: Path, mnt: Path
+) -> None:
+    lower, upper, work = (tmp_path / n for n in ("lo", "up", "wk"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    data = os.urandom(16 << 20)  # above the size copied up in a worker thread
+    (lower / "big").write_bytes(data)
+    with mounted_overlay(Layers([lower], upper, work), mnt):
+        script = (
+            "import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); "
+            "os.pwrite(fd, b'WWWW', int(sys.argv[2]))"
+        )
+        writers = [
+            subprocess.Popen(["python3", "-c", script, str(mnt / "big"), str(off)])
+            for off in (0, 8 << 20, (16 << 20) - 4)
+        ]
+        assert all(w.wait(timeout=60) == 0 for w in writers)
+        listing = MountFS(mnt).listdir()  # the mount answered while copying
+        merged = MountFS(mnt).read("big")
+    expected = bytearray(data)
+    for off in (0, 8 << 20, (16 << 20) - 4):
+        expected[off : off + 4] = b"WWWW"
+    assert listing == ["big"]
+    assert merged == bytes(expected)
+    assert (upper / "big").read_bytes() == bytes(expected)

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".layerfs.lock"
+MAX_WORKERS = 8
+"""Request loops: one reads and serves while nothing waits; more start only while a request
+waits for a worker thread (a big copy-up, an fsync), so that the others go on meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +142,7 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
                                 return
 
                     nursery.start_soon(watch_signals)
-                    await pyfuse3.main(1, 1)
+                    await pyfuse3.main(1, MAX_WORKERS)
                     nursery.cancel_scope.cancel()
 
             trio.run(run)

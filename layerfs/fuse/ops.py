@@ -20,6 +20,7 @@ import os
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
@@ -78,6 +79,7 @@ class OverlayOperations(pyfuse3.Operations):
         self._files: dict[int, Handle] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
+        self._copy_up_locks: dict[int, trio.Lock] = {}
 
     # -------------------------------------------------------------- helpers
     def _node(self, inode: int) -> Node:
@@ -90,6 +92,29 @@ class OverlayOperations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         return fh
+
+    async def _copy_up(self, node: Node, data_len: int | None = None) -> None:
+        """Copy a big lower file up in a worker thread, so other requests go on meanwhile.
+
+        Small copies and directories are left to the engine, inline. A per-inode lock makes a
+        second writer wait for the first copy instead of making its own; the engine re-checks
+        the tree when it places the copy.
+        """
+        if node.in_upper or node.is_dir or self._engine.upper is None:
+            return
+        job = self._engine.copy_up_job(node, data_len)
+        if not job.slow:
+            return
+        lock = self._copy_up_locks.setdefault(node.ino, trio.Lock())
+        try:
+            async with lock:
+                if node.in_upper:
+                    return
+                tmp = await trio.to_thread.run_sync(self._engine.stage, job)
+                self._engine.finish_copy_up(node, tmp)
+        finally:
+            if not lock.statistics().tasks_waiting:
+                self._copy_up_locks.pop(node.ino, None)
 
     @staticmethod
     def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
@@ -142,8 +167,10 @@ class OverlayOperations(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        await self._copy_up(node, attr.st_size if fields.update_size else None)
         result = self._engine.setattr(
-            self._node(inode),
+            node,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
@@ -203,7 +230,9 @@ class OverlayOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        node = self._engine.link(self._node(inode), self._node(new_parent_inode), new_name)
+        source = self._node(inode)
+        await self._copy_up(source)
+        node = self._engine.link(source, self._node(new_parent_inode), new_name)
         return self._node_entry(node)
 
     @fuse_handler
@@ -219,9 +248,12 @@ class OverlayOperations(pyfuse3.Operations):
         self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
         flags: int, ctx: pyfuse3.RequestContext,
     ) -> None:
-        self._engine.rename(
-            self._node(parent_inode_old), name_old, self._node(parent_inode_new), name_new, flags
-        )
+        old_parent, new_parent = self._node(parent_inode_old), self._node(parent_inode_new)
+        for parent, name in ((old_parent, name_old), (new_parent, name_new)):
+            node = self._engine.child(parent, name)
+            if node is not None and (parent is old_parent or flags & pyfuse3.RENAME_EXCHANGE):
+                await self._copy_up(node)
+        self._engine.rename(old_parent, name_old, new_parent, name_new, flags)
 
     # -------------------------------------------------------------- xattrs
     @fuse_handler
@@ -236,7 +268,9 @@ class OverlayOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self._engine.setxattr(self._node(inode), name, value)
+        node = self._node(inode)
+        await self._copy_up(node)
+        self._engine.setxattr(node, name, value)
 
     @fuse_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -251,7 +285,10 @@ class OverlayOperations(pyfuse3.Operations):
 
     @fuse_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        return self._file_info(self._engine.open(self._node(inode), flags))
+        node = self._node(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_TRUNC:
+            await self._copy_up(node)
+        return self._file_info(self._engine.open(node, flags))
 
     @fuse_handler
     async def create(
@@ -277,7 +314,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @fuse_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self._engine.fsync(self._files[fh], datasync)
+        await trio.to_thread.run_sync(self._engine.fsync, self._files[fh], datasync)
 
     @fuse_handler
     async def release(self, fh: int) -> None:
@@ -311,7 +348,7 @@ class OverlayOperations(pyfuse3.Operations):
         names = handle.names
         for index in range(start_id - 2, len(names)):
             name = names[index]
-            child = self._engine.readdir_entry(node, name)
+            child = self._engine.child(node, name)
             if child is None:
                 continue
             if not pyfuse3.readdir_reply(token, name, self._node_entry(child), index + 3):

@@ -78,6 +78,17 @@ def stage_object(
     unless `sync` is False.
     """
     tmp = work_name(work)
+    try:
+        _stage_object(tmp, src, st, data_len=data_len, sync=sync)
+    except BaseException:
+        remove_tree(tmp)  # a full disk or a vanished source leaves nothing staged
+        raise
+    return tmp
+
+
+def _stage_object(
+    tmp: bytes, src: bytes, st: os.stat_result, *, data_len: int | None, sync: bool
+) -> None:
     mode = st.st_mode
     if stat.S_ISREG(mode):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -102,4 +113,3 @@ def stage_object(
     else:
         os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
         _copy_meta(tmp, st, src, is_link=False)
-    return tmp

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 NAME_MAX = 255
+SLOW_COPY_UP_BYTES = 1 << 20
+"""Copy-ups moving more data than this are worth a worker thread (see `CopyUpJob`)."""
 _ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 
 
@@ -59,6 +61,16 @@ class Found:
     st: os.stat_result
     lowers: tuple[tuple[int, bytes], ...] = ()
     bottom_st: os.stat_result | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class CopyUpJob:
+    """The data part of a copy-up, which the caller may run in a worker thread."""
+
+    src: bytes
+    st: os.stat_result
+    data_len: int | None
+    slow: bool
 
 
 @dataclass(slots=True, eq=False)
@@ -349,8 +361,8 @@ class Engine:
             hidden |= listing.whiteouts
         return sorted(seen)
 
-    def readdir_entry(self, node: Node, name: bytes) -> Node | None:
-        """The node of one listed name (no lookup counted), None if it vanished meanwhile."""
+    def child(self, node: Node, name: bytes) -> Node | None:
+        """The node of `name` in `parent` without counting a lookup; None if there is none."""
         found = self._lookup(node, name)
         return None if found is None else self._attach(node, name, found)
 
@@ -373,16 +385,37 @@ class Engine:
         if node.is_dir:
             self._copy_up_dir(node)
             return
-        assert node.lower is not None and node.lower_st is not None
-        _layer, src = node.lower
+        self.finish_copy_up(node, self.stage(self.copy_up_job(node, data_len)))
+
+    def copy_up_job(self, node: Node, data_len: int | None = None) -> CopyUpJob:
+        """What staging the copy of lower non-directory `node` needs; see `stage`."""
+        assert node.lower is not None and node.lower_st is not None and not node.is_dir
         st = node.lower_st
+        copied = st.st_size if data_len is None else min(st.st_size, data_len)
+        return CopyUpJob(node.lower[1], st, data_len, stat.S_ISREG(st.st_mode) and
+                         copied > SLOW_COPY_UP_BYTES)
+
+    def stage(self, job: CopyUpJob) -> bytes:
+        """Copy a lower object into the work dir. Touches nothing but the work dir and the
+        (immutable) source, so it may run in another thread while the engine goes on."""
+        return copyup.stage_object(self._work(), job.src, job.st, data_len=job.data_len,
+                                   sync=self.sync_copy_up)
+
+    def finish_copy_up(self, node: Node, tmp: bytes) -> None:
+        """Rename a staged copy into place under every visible name of `node`.
+
+        The tree may have changed while the copy was staged: a node copied up meanwhile keeps
+        its copy (ours is dropped), a node with no visible name left is not copied (ENOENT).
+        """
+        if node.in_upper:
+            copyup.remove_tree(tmp)
+            return
         names = self._visible_names(node)
         if not names:
+            copyup.remove_tree(tmp)
             raise _err(errno.ENOENT)
         for parent, _name in names:
             self._copy_up_dir(parent)
-        tmp = copyup.stage_object(self._work(), src, st, data_len=data_len,
-                                  sync=self.sync_copy_up)
         xattrs.set_origin_ino(tmp, node.ino)
         first = self.upper_child(names[0][0], names[0][1])
         with self._parent_times_kept(names[0][0]):
