@@ -120,6 +120,7 @@ class _Counts:
     fifos: int = 0
     whiteouts: int = 0
     opaques: int = 0
+    owners_dropped: int = 0
     dropped: list[str] = field(default_factory=list)
 
 
@@ -190,6 +191,7 @@ class _Unpacker:
         self._whiteout_markers = False
         self._opaque_markers = False
         self._is_root = os.geteuid() == 0
+        self._ids = (os.geteuid(), os.getegid())
         self._counts = _Counts()
 
     def close(self) -> None:
@@ -208,6 +210,8 @@ class _Unpacker:
             reader.close()
         self._apply_directory_metadata()
         c = self._counts
+        if c.owners_dropped:
+            c.dropped.append(f"{c.owners_dropped} entries: owners not kept: not root")
         return UnpackStats(
             diff_id=DiffID(source.digest()),
             tar_size=source.size,
@@ -561,15 +565,15 @@ class _Unpacker:
     # -- metadata ---------------------------------------------------------------------------
 
     def _owner(self, fd: int, leaf: bytes | None, member: tarfile.TarInfo, label: str) -> None:
-        try:
-            if leaf is None:
-                os.fchown(fd, member.uid, member.gid)
-            else:
-                os.chown(leaf, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
-        except PermissionError:
-            if self._is_root:
-                raise
-            self._counts.dropped.append(f"{label}: owner {member.uid}:{member.gid}: not root")
+        if not self._is_root:
+            # chown to another user needs CAP_CHOWN; owners are counted, reported once.
+            if (member.uid, member.gid) != self._ids:
+                self._counts.owners_dropped += 1
+            return
+        if leaf is None:
+            os.fchown(fd, member.uid, member.gid)
+        else:
+            os.chown(leaf, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
 
     def _xattrs(self, fd: int, leaf: bytes | None, member: tarfile.TarInfo, label: str) -> None:
         if not _has_xattrs(member):
