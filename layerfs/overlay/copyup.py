@@ -14,7 +14,8 @@ import itertools
 import os
 import stat
 
-from layerfs.overlay import syscalls, xattrs
+from layerfs import overlay_xattrs as xattrs
+from layerfs.overlay import syscalls
 
 _counter = itertools.count()
 

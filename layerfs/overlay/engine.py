@@ -24,7 +24,8 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from layerfs.overlay import copyup, syscalls, xattrs
+from layerfs import overlay_xattrs as xattrs
+from layerfs.overlay import copyup, syscalls
 from layerfs.overlay.lowers import WHITEOUT, Hidden, LowerLayers, is_whiteout_stat
 from layerfs.overlay.nodes import ROOT_INO, UPPER, Node, NodeTable, make_ino
 

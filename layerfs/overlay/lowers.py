@@ -15,8 +15,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+from layerfs import overlay_xattrs as xattrs
 from layerfs.oci import whiteout
-from layerfs.overlay import xattrs
 
 
 def is_whiteout_stat(st: os.stat_result) -> bool:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import tarfile
 from dataclasses import dataclass, field
@@ -50,7 +49,8 @@ from layerfs.compression import open_reader
 from layerfs.digest import DiffID, HashingReader
 from layerfs.errors import LayerError
 from layerfs.oci.whiteout import is_opaque_marker, is_whiteout_name, whiteout_target
-from layerfs.overlay.xattrs import CAPABILITY, OPAQUE, is_private
+from layerfs.overlay_xattrs import CAPABILITY, OPAQUE, is_private
+from layerfs.tarlayer.safedir import DIR_FLAGS, DirWalker, PathRefused
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -61,7 +61,6 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 COPY_BUFFER_SIZE: Final = 1 << 20
-_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _XATTR_PREFIX: Final = "SCHILY.xattr."
 _ZERO_BLOCK: Final = bytes(tarfile.BLOCKSIZE)
@@ -178,13 +177,13 @@ class _Unpacker:
     def __init__(self, dest: Path, name: str, limits: UnpackLimits) -> None:
         self._name = name
         self._limits = limits
-        self._root = os.open(dest, _DIR_FLAGS)
+        self._root = os.open(dest, DIR_FLAGS)
         if os.listdir(self._root):
             os.close(self._root)
             raise LayerError(f"{dest}: not an empty directory")
         os.fchmod(self._root, 0o755)
-        # The openat walk to the parent of the last entry, reused while entries share it.
-        self._chain: list[tuple[bytes, int]] = []
+        # Every write goes through a directory fd from this walk: no symlink is followed.
+        self._walker = DirWalker(self._root)
         # Directory metadata applied at the end (their mtimes change as entries are added).
         self._dirs: dict[tuple[bytes, ...], tuple[int, int]] = {}
         self._buffer = bytearray(COPY_BUFFER_SIZE)
@@ -195,7 +194,7 @@ class _Unpacker:
         self._counts = _Counts()
 
     def close(self) -> None:
-        self._truncate_chain(0)
+        self._walker.close()
         os.close(self._root)
 
     # -- the stream --------------------------------------------------------------------
@@ -266,10 +265,16 @@ class _Unpacker:
         return LayerError(f"{self._name}: malformed tar near offset {source.tell()}: {exc}")
 
     def _check_end(self, source: _Source, offset: int) -> None:
-        """tarfile ends quietly on a truncated or invalid header; a layer may not."""
-        if source.last_at != offset or source.last in (b"", _ZERO_BLOCK):
-            return  # end of stream on a block boundary, or the end-of-archive marker
-        if len(source.last) < tarfile.BLOCKSIZE:
+        """tarfile ends quietly on a truncated or invalid header; a layer may not.
+
+        The end is good when the last header read, at `offset`, met the end of the stream on
+        a block boundary or the end-of-archive zero block (Go's archive/tar, and so Docker,
+        accept both). Anything else (a partial header, a bad checksum, a PAX record tarfile
+        could not parse) means entries were lost.
+        """
+        if source.last_at == offset and source.last in (b"", _ZERO_BLOCK):
+            return
+        if source.last_at == offset and len(source.last) < tarfile.BLOCKSIZE:
             raise LayerError(f"{self._name}: truncated tar: the stream ends inside a header")
         raise LayerError(f"{self._name}: malformed tar: invalid header at offset {offset}")
 
@@ -281,6 +286,8 @@ class _Unpacker:
             self._dispatch(member, label, source)
         except LayerError:
             raise
+        except PathRefused as exc:
+            raise self._refuse(label, str(exc)) from exc
         except OSError as exc:
             if exc.errno in _DISK_ERRNOS:
                 raise
@@ -322,7 +329,7 @@ class _Unpacker:
         if is_whiteout_name(leaf):
             self._whiteout(parts, member, label, source)
             return
-        parent = self._parent(parts[:-1], label)
+        parent = self._walker.parent(parts[:-1])
         if kind in _FILE_TYPES or kind == tarfile.GNUTYPE_SPARSE:
             self._file(parent, parts, member, label, source)
         elif kind == tarfile.DIRTYPE:
@@ -340,15 +347,10 @@ class _Unpacker:
 
     def _replace(self, parent: int, parts: tuple[bytes, ...]) -> None:
         """Remove what an earlier entry made at `parts`, to make room for a later one."""
-        leaf = parts[-1]
-        st = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(leaf, dir_fd=parent)  # fd-relative, never follows symlinks
+        if self._walker.remove(parent, parts[-1]):
             depth = len(parts)
             for key in [k for k in self._dirs if k[:depth] == parts]:
                 del self._dirs[key]
-        else:
-            os.unlink(leaf, dir_fd=parent)
 
     def _make(self, parent: int, parts: tuple[bytes, ...], make: Callable[[], _T]) -> _T:
         try:
@@ -367,7 +369,9 @@ class _Unpacker:
         with_data: bool = True,
     ) -> None:
         size = member.size
-        if size > self._limits.max_file_size or size < 0:
+        if size < 0:
+            raise self._refuse(label, f"invalid size {size}")
+        if size > self._limits.max_file_size:
             raise self._refuse(
                 label, f"size {size} exceeds the limit of {self._limits.max_file_size} bytes"
             )
@@ -434,7 +438,7 @@ class _Unpacker:
                 os.mkdir(leaf, 0o700, dir_fd=parent)
         self._owner(parent, leaf, member, label)
         if _has_xattrs(member):
-            fd = os.open(leaf, _DIR_FLAGS, dir_fd=parent)
+            fd = os.open(leaf, DIR_FLAGS, dir_fd=parent)
             try:
                 self._xattrs(fd, None, member, label)
             finally:
@@ -466,7 +470,10 @@ class _Unpacker:
         target_label = _label(member.linkname)
         fds: list[int] = []
         try:
-            fds = self._walk(target[:-1], f"{label}: hard link target {target_label}")
+            try:
+                fds = self._walker.walk(target[:-1])
+            except PathRefused as exc:
+                raise self._refuse(label, f"hard link target {target_label}: {exc}") from exc
             source_dir = fds[-1] if fds else self._root
             self._make(
                 parent,
@@ -528,7 +535,7 @@ class _Unpacker:
     ) -> None:
         leaf = parts[-1]
         if is_opaque_marker(leaf):
-            parent = self._parent(parts[:-1], label)
+            parent = self._walker.parent(parts[:-1])
             self._counts.opaques += 1
             if not self._opaque_markers:
                 try:
@@ -544,7 +551,7 @@ class _Unpacker:
         target = whiteout_target(leaf)
         if target is None:
             raise self._refuse(label, "whiteout that names nothing (lone .wh., . or ..)")
-        parent = self._parent(parts[:-1], label)
+        parent = self._walker.parent(parts[:-1])
         self._counts.whiteouts += 1
         if not self._whiteout_markers:
             try:
@@ -610,9 +617,9 @@ class _Unpacker:
                 fd = self._root
             else:
                 try:
-                    parent = self._parent(parts[:-1], "", create=False)
-                    fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
-                except (FileNotFoundError, NotADirectoryError, LayerError):
+                    parent = self._walker.parent(parts[:-1], create=False)
+                    fd = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
+                except (FileNotFoundError, NotADirectoryError, PathRefused):
                     continue  # replaced by a later entry that was no directory
             try:
                 os.fchmod(fd, mode)
@@ -620,61 +627,7 @@ class _Unpacker:
             finally:
                 if fd != self._root:
                     os.close(fd)
-        self._truncate_chain(0)
-
-    # -- the openat walk ----------------------------------------------------------------------
-
-    def _truncate_chain(self, keep: int) -> None:
-        chain = self._chain
-        while len(chain) > keep:
-            os.close(chain.pop()[1])
-
-    def _parent(self, parts: tuple[bytes, ...], label: str, create: bool = True) -> int:
-        """An fd of directory `parts`, reached without following symlinks; made if missing."""
-        chain = self._chain
-        common = 0
-        for (name, _), part in zip(chain, parts, strict=False):
-            if name != part:
-                break
-            common += 1
-        self._truncate_chain(common)
-        fd = chain[-1][1] if chain else self._root
-        for i in range(common, len(parts)):
-            fd = self._open_dir(fd, parts, i, label, create)
-            chain.append((parts[i], fd))
-        return fd
-
-    def _walk(self, parts: tuple[bytes, ...], label: str) -> list[int]:
-        """Like `_parent` without the cache or creation; the caller closes the fds."""
-        fds: list[int] = []
-        try:
-            for i in range(len(parts)):
-                fds.append(self._open_dir(fds[-1] if fds else self._root, parts, i, label, False))
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return fds
-
-    def _open_dir(
-        self, parent: int, parts: tuple[bytes, ...], i: int, label: str, create: bool
-    ) -> int:
-        name = parts[i]
-        try:
-            return os.open(name, _DIR_FLAGS, dir_fd=parent)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-                what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-                where = b"/".join(parts[: i + 1]).decode("utf-8", "backslashreplace")
-                raise self._refuse(label, f"{where} is {what} (never followed)") from exc
-            if exc.errno != errno.ENOENT or not create:
-                raise
-        # A parent the tar does not list: made as Docker makes it, 0755 root-owned.
-        os.mkdir(name, 0o755, dir_fd=parent)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-        os.fchmod(fd, 0o755)  # whatever the umask
-        return fd
+        self._walker.close()
 
 
 def _label(name: str) -> str:

@@ -1,0 +1,84 @@
+"""Container commands: mount, umount, ps, rm."""
+
+from __future__ import annotations
+
+import click
+
+from layerfs.cli.commands_images import since
+from layerfs.cli.main import Context, cli, handle_errors, human_size, pass_ctx, table
+from layerfs.errors import NotFoundError
+from layerfs.services import containers as containers_service
+from layerfs.services import images as images_service
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--name", help="Name of the new container.")
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted.")
+@pass_ctx
+@handle_errors
+def mount(ctx: Context, source: str, mountpoint: str, name: str | None,
+          foreground: bool) -> None:
+    """Mount an image with a new copy-on-write layer (a container), or an existing container.
+
+    Returns once the mount answers; the filesystem daemon stays in the background.
+    """
+    store = ctx.store
+    try:
+        container = containers_service.find(store, source)
+        if name is not None:
+            raise click.UsageError("--name applies to a new container only")
+    except NotFoundError:
+        image = images_service.resolve(store, source)
+        container = containers_service.create(store, image, source, name)
+    image = store.image(container.image)  # type: ignore[arg-type]
+    containers_service.mount(store, container, image, mountpoint, foreground=foreground)
+    if not foreground:
+        click.echo(container.id)
+
+
+@cli.command()
+@click.argument("target")
+@pass_ctx
+@handle_errors
+def umount(ctx: Context, target: str) -> None:
+    """Unmount a container, named by its mountpoint, name or id."""
+    containers_service.umount(ctx.store, containers_service.find(ctx.store, target))
+
+
+@cli.command()
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show unmounted containers too.")
+@click.option("-q", "--quiet", is_flag=True)
+@pass_ctx
+@handle_errors
+def ps(ctx: Context, show_all: bool, quiet: bool) -> None:
+    """List containers."""
+    store = ctx.store
+    rows = []
+    for c in containers_service.list_containers(store):
+        mounted = containers_service.is_mounted(c)
+        if not mounted and not show_all:
+            continue
+        if quiet:
+            click.echo(c.short_id)
+            continue
+        rows.append([c.short_id, c.image_ref, since(c.created),
+                     (c.mountpoint or "") if mounted else "",
+                     "Mounted" if mounted else "Unmounted",
+                     human_size(containers_service.size_of_upper(store, c)), c.name])
+    if not quiet:
+        table(rows, ["CONTAINER ID", "IMAGE", "CREATED", "MOUNTPOINT", "STATUS", "SIZE", "NAMES"])
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Unmount first if mounted.")
+@pass_ctx
+@handle_errors
+def rm(ctx: Context, names: tuple[str, ...], force: bool) -> None:
+    """Remove containers and their copy-on-write layers."""
+    for name in names:
+        container = containers_service.find(ctx.store, name)
+        containers_service.remove(ctx.store, container, force=force)
+        click.echo(name)

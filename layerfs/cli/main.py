@@ -1,0 +1,119 @@
+"""`layerfs`: the command line. The only place an exception becomes a message and an exit code.
+
+Errors print one line, `layerfs: what: why`, and exit non-zero (`--debug` adds the
+traceback). Tables look like docker's, so that habits carry over.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
+
+import click
+
+from layerfs.errors import LayerfsError, UsageError
+from layerfs.reference import Reference
+from layerfs.store.layout import default_root
+from layerfs.store.store import Store
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Context:
+    def __init__(self, root: Path, debug: bool) -> None:
+        self.root_path = root
+        self.debug = debug
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.root_path)
+        return self._store
+
+
+def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn layerfs errors (and OS errors) into one line on stderr and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except LayerfsError as exc:
+            _fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}", 1)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and isinstance(ctx.obj, Context) and ctx.obj.debug:
+        traceback.print_exc()
+    click.echo(f"layerfs: {message}", err=True)
+    sys.exit(code)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", type=click.Path(path_type=Path), envvar="LAYERFS_ROOT",
+              help="Store directory (default /var/lib/layerfs for root).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="layerfs")
+@click.pass_context
+def cli(ctx: click.Context, root: Path | None, debug: bool) -> None:
+    """Container images as a FUSE copy-on-write filesystem."""
+    ctx.obj = Context(root or default_root(), debug)
+
+
+def table(rows: list[list[str]], header: list[str]) -> None:
+    """Columns as docker prints them: left-aligned, three spaces apart."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        line = "   ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo(line.rstrip())
+
+
+def human_size(size: float) -> str:
+    """Docker's sizes: decimal units, three significant digits."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.3g}{unit}" if unit != "B" else f"{int(size)}B"
+        size /= 1000
+    return f"{size}TB"
+
+
+def parse_refs(texts: tuple[str, ...] | list[str]) -> list[Reference]:
+    refs = [Reference.parse(t) for t in texts if t]
+    for ref in refs:
+        if ref.digest is not None:
+            raise UsageError(f"{ref}: a tag cannot name a digest")
+    return refs
+
+
+def echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2))
+
+
+def main() -> None:
+    from layerfs.cli import commands_containers, commands_images  # noqa: F401  registers
+
+    cli(prog_name="layerfs")
+
+
+if __name__ == "__main__":
+    main()

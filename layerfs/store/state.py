@@ -1,0 +1,66 @@
+"""The store's index: refs (name:tag → manifest digest) and images (id → manifest digest).
+
+One JSON file, replaced atomically under the store lock. An image id is the digest of the
+image's config, as docker's; a ref names a manifest, which names the config and the layers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from layerfs.digest import Digest, parse_digest
+from layerfs.errors import StoreError
+from layerfs.store import atomic
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+@dataclass
+class ImageEntry:
+    manifest: Digest
+    added: str
+
+
+@dataclass
+class State:
+    refs: dict[str, Digest] = field(default_factory=dict)
+    """Full reference (docker.io/library/busybox:latest) → manifest digest."""
+    images: dict[Digest, ImageEntry] = field(default_factory=dict)
+    """Image id (config digest) → its manifest and when it came into the store."""
+
+    @classmethod
+    def load(cls, path: Path) -> State:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return cls()
+        try:
+            doc: dict[str, Any] = json.loads(raw)
+            return cls(
+                refs={k: parse_digest(v) for k, v in doc.get("refs", {}).items()},
+                images={
+                    parse_digest(k): ImageEntry(parse_digest(v["manifest"]), str(v["added"]))
+                    for k, v in doc.get("images", {}).items()
+                },
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreError(f"{path}: store index is damaged: {exc}") from None
+
+    def save(self, path: Path) -> None:
+        doc = {
+            "refs": dict(sorted(self.refs.items())),
+            "images": {
+                k: {"manifest": v.manifest, "added": v.added}
+                for k, v in sorted(self.images.items())
+            },
+        }
+        atomic.write_file(path, json.dumps(doc, indent=1).encode() + b"\n")
+
+    def image_of_manifest(self, manifest: Digest) -> Digest | None:
+        for image_id, entry in self.images.items():
+            if entry.manifest == manifest:
+                return image_id
+        return None
