@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import click
@@ -19,7 +21,9 @@ from layerfs.cli.main import (
     table,
 )
 from layerfs.compression import Compression
+from layerfs.errors import LayerfsError, UsageError
 from layerfs.reference import Reference
+from layerfs.services import archive
 from layerfs.services import images as images_service
 from layerfs.services.importing import import_tarball
 
@@ -252,3 +256,58 @@ def system_prune(ctx: Context, all_unused: bool) -> None:
         click.echo(f"Deleted: {image_id}")
     click.echo(f"Removed {blobs} blobs and {layers} layers")
 
+
+
+@cli.command()
+@click.option("-i", "--input", "source", required=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="docker-save archive, OCI archive, or OCI layout directory.")
+@click.option("--repository", help="Repository for images the archive names by tag only.")
+@pass_ctx
+@handle_errors
+def load(ctx: Context, source: Path, repository: str | None) -> None:
+    """Load images from an archive or an OCI layout."""
+    for loaded in archive.load(ctx.store, source, repository):
+        if loaded.refs:
+            for ref in loaded.refs:
+                r = Reference.parse(ref)
+                click.echo(f"Loaded image: {r.familiar()}:{r.tag}")
+        else:
+            click.echo(f"Loaded image ID: {loaded.image.id}")
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to this file (default: stdout).")
+@pass_ctx
+@handle_errors
+def save(ctx: Context, names: tuple[str, ...], output: Path | None) -> None:
+    """Save images to one archive that docker load and OCI tools both read."""
+    chosen = []
+    for name in names:
+        image = images_service.resolve(ctx.store, name)
+        tags = [r for r in image.refs if _names_ref(name, r)] or list(image.refs)
+        chosen.append((image, [_familiar_tag(r) for r in tags]))
+    if output is None:
+        if sys.stdout.isatty():
+            raise UsageError("refusing to write an archive to a terminal: use -o FILE")
+        archive.save(ctx.store, chosen, sys.stdout.buffer)
+        return
+    tmp = output.with_name(f".{output.name}.tmp")
+    with open(tmp, "wb") as out:
+        archive.save(ctx.store, chosen, out)
+    os.replace(tmp, output)
+
+
+def _familiar_tag(ref_text: str) -> str:
+    ref = Reference.parse(ref_text)
+    return f"{ref.familiar()}:{ref.tag}"
+
+
+def _names_ref(text: str, ref_text: str) -> bool:
+    try:
+        ref = Reference.parse(text)
+    except LayerfsError:
+        return False
+    return ref.digest is None and f"{ref.name}:{ref.tag}" == ref_text
