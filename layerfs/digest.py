@@ -153,11 +153,17 @@ class HashingReader:
         self.skip(target - self._hasher.size)
         return self._hasher.size
 
+    def _scratch_view(self, size: int) -> memoryview:
+        # One buffer for skipping, grown to what is asked (at most CHUNK_SIZE), then kept.
+        if self._scratch is None or len(self._scratch) < size:
+            self._scratch = bytearray(max(size, 1 << 16))
+        return memoryview(self._scratch)
+
     def skip(self, count: int) -> int:
         """Read and hash `count` bytes, or fewer at EOF; return how many were skipped."""
-        if self._scratch is None:
-            self._scratch = bytearray(min(CHUNK_SIZE, max(count, 1)))
-        view = memoryview(self._scratch)
+        if count <= 0:
+            return 0
+        view = self._scratch_view(min(count, CHUNK_SIZE))
         done = 0
         while done < count:
             n = self.readinto(view[: min(count - done, len(view))])
@@ -168,9 +174,7 @@ class HashingReader:
 
     def drain(self) -> int:
         """Read and hash to EOF; return the number of bytes that were left."""
-        if self._scratch is None or len(self._scratch) < CHUNK_SIZE:
-            self._scratch = bytearray(CHUNK_SIZE)
-        view = memoryview(self._scratch)
+        view = self._scratch_view(CHUNK_SIZE)
         done = 0
         while n := self.readinto(view):
             done += n

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from layerfs.cli.commands_images import since
-from layerfs.cli.main import Context, cli, handle_errors, human_size, pass_ctx, table
+from layerfs.cli.main import Context, cli, handle_errors, human_size, parse_refs, pass_ctx, table
+from layerfs.compression import Compression
 from layerfs.errors import NotFoundError
+from layerfs.services import commit as commit_service
 from layerfs.services import containers as containers_service
 from layerfs.services import images as images_service
 
@@ -82,3 +86,36 @@ def rm(ctx: Context, names: tuple[str, ...], force: bool) -> None:
         container = containers_service.find(ctx.store, name)
         containers_service.remove(ctx.store, container, force=force)
         click.echo(name)
+
+
+@cli.command()
+@click.argument("container")
+@click.argument("repository", required=False)
+@click.option("-m", "--message", help="Commit message.")
+@click.option("-a", "--author", help='Author (e.g. "Jane <jane@example.com>").')
+@click.option("-c", "--change", "changes", multiple=True,
+              help="Apply a Dockerfile instruction (CMD, ENTRYPOINT, ENV, ...).")
+@click.option("--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip",
+              show_default=True)
+@pass_ctx
+@handle_errors
+def commit(ctx: Context, container: str, repository: str | None, message: str | None,
+           author: str | None, changes: tuple[str, ...], compression: str) -> None:
+    """Make a new image from a container's changes (one new layer)."""
+    store = ctx.store
+    found = containers_service.find(store, container)
+    refs = parse_refs([repository] if repository else [])
+    image = commit_service.commit(store, found, refs, message=message, author=author,
+                                  changes=list(changes), compression=Compression(compression))
+    click.echo(image.id)
+
+
+@cli.command()
+@click.argument("container")
+@pass_ctx
+@handle_errors
+def diff(ctx: Context, container: str) -> None:
+    """List what a container changed: A added, C changed, D deleted."""
+    found = containers_service.find(ctx.store, container)
+    for change in containers_service.changes(ctx.store, found):
+        click.echo(f"{change.kind} /{os.fsdecode(change.path)}")

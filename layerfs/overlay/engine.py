@@ -86,8 +86,7 @@ class Handle:
 
 class Engine:
     def __init__(self, lowers: list[bytes], upper: bytes | None, work: bytes | None) -> None:
-        if upper is not None and work is None:
-            raise ValueError("an upper dir needs a work dir")
+        """`work` None with an upper: a reader of the merged tree that must not change it."""
         self.lowers = LowerLayers([os.path.abspath(p) for p in lowers])
         self.upper = os.path.abspath(upper) if upper is not None else None
         self.work = os.path.abspath(work) if work is not None else None
@@ -376,7 +375,8 @@ class Engine:
             raise _err(errno.EROFS)
 
     def _work(self) -> bytes:
-        assert self.work is not None
+        if self.work is None:
+            raise _err(errno.EROFS)
         return self.work
 
     def copy_up(self, node: Node, *, data_len: int | None = None) -> None:
@@ -480,7 +480,7 @@ class Engine:
     def upper_child(self, parent: Node, name: bytes) -> bytes:
         return self._upper_path(parent) + b"/" + name
 
-    def _lower_has(self, parent: Node, name: bytes) -> bool:
+    def lower_has(self, parent: Node, name: bytes) -> bool:
         """Whether the lower layers show `name` in `parent` (so deleting it needs a whiteout)."""
         for _layer, pdir in parent.lowers:
             listing = self.lowers.listing(pdir)
@@ -621,7 +621,7 @@ class Engine:
 
     def _remove(self, parent: Node, name: bytes, found: Found) -> None:
         """Delete a merged name: unlink the upper object, leave a whiteout where a lower shows."""
-        needs_whiteout = self._lower_has(parent, name)
+        needs_whiteout = self.lower_has(parent, name)
         self._copy_up_dir(parent)
         parent.listing = None
         real = self.upper_child(parent, name)
@@ -704,7 +704,7 @@ class Engine:
         self, old_parent: Node, old_name: bytes, snode: Node,
         new_parent: Node, new_name: bytes, dst: Found | None, dnode: Node | None,
     ) -> None:
-        leave_whiteout = self._lower_has(old_parent, old_name)
+        leave_whiteout = self.lower_has(old_parent, old_name)
         self._copy_up_dir(old_parent)
         self._copy_up_dir(new_parent)
         self.copy_up(snode)
@@ -760,7 +760,7 @@ class Engine:
         if node.lowers:
             layer, lower_real = node.lowers[0]
             xattrs.set_redirect(real, lower_real[len(self.lowers.root(layer)) :] or b"/")
-        elif self._lower_has(new_parent, new_name):
+        elif self.lower_has(new_parent, new_name):
             xattrs.set_opaque(real)
 
     @staticmethod

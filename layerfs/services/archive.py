@@ -53,9 +53,9 @@ class _Source:
         self._tar: tarfile.TarFile | None = None
         if not path.is_dir():
             try:
-                self._tar = tarfile.open(path, "r:*")
+                self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
             except (tarfile.TarError, OSError) as exc:
-                raise StoreError(f"{path}: not a tar archive or an OCI layout: {exc}") from None
+                raise StoreError(f"{path}: not an archive or an OCI layout: {exc}") from None
             self._members = {m.name.removeprefix("./"): m for m in self._tar.getmembers()}
 
     def close(self) -> None:

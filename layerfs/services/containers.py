@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from layerfs.errors import MountError, NotFoundError, StoreError, UsageError
 from layerfs.fuse.mount import OverlaySpec, default_fuse_options, mount_overlay
+from layerfs.overlay.changes import Change, walk_changes
 from layerfs.store import atomic
 from layerfs.store.lock import locked
 from layerfs.store.store import now
@@ -209,3 +210,10 @@ def size_of_upper(store: Store, container: Container) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
+
+
+def changes(store: Store, container: Container) -> list[Change]:
+    """What the container changed against its image (`docker diff`)."""
+    image = store.image(container.image)  # type: ignore[arg-type]
+    lowers = [os.fsencode(p) for p in store.lower_dirs(image)]
+    return list(walk_changes(lowers, os.fsencode(upper_dir(store, container))))
