@@ -39,7 +39,8 @@ class SetupError(RuntimeError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = ", ".join(system.name for system in all_systems(DEFAULT_LAYERFS))
-    parser.add_argument("--runs", type=int, default=3, help="runs per workload (default 3)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="runs per workload (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="small tree, 256 MiB big file, 1 run: for developing the benchmark")
     parser.add_argument("--skip", action="append", default=[], metavar="SYSTEM",
@@ -52,37 +53,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where layers are built once and mounts happen ({DEFAULT_CACHE})")
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; raised to unwind every ExitStack (unmounting on the way)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def main(args: argparse.Namespace) -> int:
-    # SIGTERM unwinds like Ctrl-C, so that every ExitStack callback still unmounts.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         return _benchmark(args)
     except SetupError as exc:
         print(f"benchmarks overlay: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"benchmarks overlay: interrupted by {exc}; everything it mounted is unmounted",
+              file=sys.stderr)
+        return 128 + exc.signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # A second signal must not cut the cleanup short and leave a mount behind: ignore it.
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    print(f"\n{signal.Signals(signum).name}: unmounting and stopping daemons...",
+          file=sys.stderr, flush=True)
+    raise Interrupted(signum)
 
 
 def _benchmark(args: argparse.Namespace) -> int:
     systems = _select_systems(args.layerfs, args.skip)
-    runs = 1 if args.quick else args.runs
+    runs = args.runs if args.runs is not None else 1 if args.quick else 3
     cache_dir = args.cache.resolve()
     with ExitStack() as stack:
         _lock(stack, cache_dir)
         layers = ensure_layers(cache_dir, QUICK if args.quick else FULL)
         run_dir = _run_dir(stack, cache_dir)
-        results = report.Results([system.name for system in systems], row_labels(layers))
         started = time.perf_counter()
-        for run_index in range(runs):
-            order = systems[run_index % len(systems):] + systems[: run_index % len(systems)]
-            for group in GROUPS:
-                for system in order:
-                    _run_group_safely(system, group, layers, run_dir, run_index, results)
-        document = _document(args, runs, systems, layers, results, cache_dir, started)
+        machine = report.machine_facts(cache_dir)
+        results = _measure(systems, layers, run_dir, runs)
+        document = _document(args, runs, systems, layers, results, machine, started)
+        document["machine_after"] = report.machine_facts(cache_dir)
     table = report.markdown(results, _title(args, runs, layers))
     path = report.write_outputs(args.out, time.strftime("overlay-%Y%m%d-%H%M%S"), document, table)
     print(table)
     print(f"results: {path} and {path.with_suffix('.json')}")
     return 1 if results.failures else 0
+
+
+def _measure(systems: list[System], layers: Layers, run_dir: Path, runs: int) -> report.Results:
+    """Every group on every system, `runs` times; each group's systems run back to back, so
+    that they are measured under the same conditions, first one rotating from run to run."""
+    results = report.Results([system.name for system in systems], row_labels(layers))
+    for run_index in range(runs):
+        order = systems[run_index % len(systems):] + systems[: run_index % len(systems)]
+        for group in GROUPS:
+            for system in order:
+                _run_group_safely(system, group, layers, run_dir, run_index, results)
+    return results
 
 
 def _select_systems(layerfs_program: Path, skip: Sequence[str]) -> list[System]:
@@ -206,13 +237,13 @@ def _remove_big_copies(scratch: Path) -> None:
 
 def _document(
     args: argparse.Namespace, runs: int, systems: Sequence[System], layers: Layers,
-    results: report.Results, cache_dir: Path, started: float,
+    results: report.Results, machine: dict[str, object], started: float,
 ) -> dict[str, object]:
     return {
         "benchmark": "overlay",
         "config": {"runs": runs, "quick": args.quick, "skip": args.skip,
                    "layerfs": str(args.layerfs), "wall_seconds": time.perf_counter() - started},
-        "machine": report.machine_facts(cache_dir),
+        "machine": machine,
         "layers": {"root": str(layers.root), **layers.facts,
                    "lowers_top_first": [str(lower) for lower in layers.lowers]},
         "systems": {system.name: system.facts() for system in systems},

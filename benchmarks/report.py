@@ -78,6 +78,12 @@ def machine_facts(cache_dir: Path) -> dict[str, object]:
         "cpus": os.cpu_count(),
         "memory": _meminfo("MemTotal"),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+        # Other FUSE and overlay mounts hint at other work sharing the CPUs during the run.
+        "other_fuse_or_overlay_mounts": sum(
+            1 for entry in mounts.mount_entries()
+            if (entry.fs_type == "overlay" or entry.fs_type.startswith("fuse"))
+            and not entry.mount_point.startswith(str(cache_dir) + "/")
+        ),
         "cache_dir": str(cache_dir),
         "cache_dir_filesystem": {"type": cache_fs.fs_type, "source": cache_fs.source,
                                  "options": cache_fs.mount_options},

@@ -119,7 +119,7 @@ class FuseOverlay(_Overlay):
 
     def missing(self) -> str | None:
         if shutil.which("fusermount3") is None:
-            return f"{self.name}: fusermount3 not found (install fuse3), or {self.skip_hint}"
+            return f"{self.name}: fusermount3 not found (install fuse3), or pass --skip {self.name}"
         if shutil.which(self.program) is None:
             return f"{self.name}: {self.program} not found or not executable; {self.skip_hint}"
         return None
