@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 import click
 
@@ -13,6 +16,7 @@ from layerfs.errors import NotFoundError
 from layerfs.services import commit as commit_service
 from layerfs.services import containers as containers_service
 from layerfs.services import images as images_service
+from layerfs.services import run as run_service
 
 
 @cli.command()
@@ -119,3 +123,35 @@ def diff(ctx: Context, container: str) -> None:
     found = containers_service.find(ctx.store, container)
     for change in containers_service.changes(ctx.store, found):
         click.echo(f"{change.kind} /{os.fsdecode(change.path)}")
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--name", help="Name of the new container.")
+@click.option("--rm", "remove_after", is_flag=True, help="Remove the container afterwards.")
+@click.option("-e", "--env", "env", multiple=True, help="Set an environment variable K=V.")
+@click.option("-w", "--workdir", help="Working directory inside the container.")
+@click.option("-u", "--user", help="User (name or uid[:gid]) to run as.")
+@pass_ctx
+@handle_errors
+def run(ctx: Context, image: str, command: tuple[str, ...], name: str | None,
+        remove_after: bool, env: tuple[str, ...], workdir: str | None,
+        user: str | None) -> None:
+    """Run a command in a new container of IMAGE (its Entrypoint/Cmd by default)."""
+    store = ctx.store
+    img = images_service.resolve(store, image)
+    process = None
+    container = containers_service.create(store, img, image, name)
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="layerfs-run-") as mnt:
+        containers_service.mount(store, container, img, mnt)
+        try:
+            process = run_service.process_for(Path(mnt), img.config.container_config,
+                                              list(command), list(env), workdir, user, image)
+            status = run_service.run_in(Path(mnt), process)
+        finally:
+            containers_service.umount(store, container)
+            if remove_after or process is None:
+                containers_service.remove(store, container)
+    sys.exit(status)

@@ -1,0 +1,160 @@
+"""`run`: a process in a container's root, with the image's Entrypoint, Cmd, Env, WorkingDir
+and User, as docker runs it (without namespaces beyond the mount namespace, nor cgroups).
+
+The child gets its own mount namespace, made private so that nothing leaks back, binds the
+host's /proc, /sys and /dev (recursively) into the container root, chroots, drops to the
+image's user, changes to its working dir and execs. stdin, stdout and stderr are passed
+through; the exit status comes back (128+N for a signal, as a shell reports it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from layerfs.errors import LayerfsError, UsageError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+_CLONE_NEWNS = 0x00020000
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+BIND_MOUNTS = ("proc", "sys", "dev")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str, target: str, flags: int) -> None:
+    _check(_libc.mount(source.encode(), target.encode(), None, flags, None), f"mount {target}")
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    groups: list[int]
+
+
+def process_for(root: Path, config: dict[str, Any], command: list[str], env: list[str],
+                workdir: str | None, user: str | None, image_name: str) -> Process:
+    """What to execute: docker's rules for Entrypoint, Cmd, Env, WorkingDir and User."""
+    entrypoint = list(config.get("Entrypoint") or [])
+    cmd = command or list(config.get("Cmd") or [])
+    argv = entrypoint + cmd
+    if not argv:
+        raise UsageError(f"{image_name}: no command given and the image has no Cmd")
+    environment: dict[str, str] = {"PATH": DEFAULT_PATH}
+    for item in [*(config.get("Env") or []), *env]:
+        key, eq, value = item.partition("=")
+        if not eq:
+            if key in os.environ:
+                environment[key] = os.environ[key]
+            continue
+        environment[key] = value
+    uid, gid, groups, home = _user(root, user if user is not None else config.get("User") or "")
+    environment.setdefault("HOME", home)
+    environment.setdefault("HOSTNAME", os.uname().nodename)
+    cwd = workdir or config.get("WorkingDir") or "/"
+    if not cwd.startswith("/"):
+        raise UsageError(f"{cwd}: the working directory must be absolute")
+    return Process(argv, environment, cwd, uid, gid, groups)
+
+
+def _user(root: Path, spec: str) -> tuple[int, int, list[int], str]:
+    """uid, gid, supplementary groups and home of `user[:group]` inside the image."""
+    if not spec:
+        return 0, 0, [], "/root"
+    name, _, group = spec.partition(":")
+    passwd = _table(root / "etc" / "passwd")
+    uid = gid = -1
+    home = "/"
+    for fields in passwd:
+        if len(fields) >= 6 and (fields[0] == name or (name.isdigit() and fields[2] == name)):
+            uid, gid, home = int(fields[2]), int(fields[3]), fields[5]
+            name = fields[0]
+            break
+    else:
+        if not name.isdigit():
+            raise UsageError(f"{spec}: no such user in the image's /etc/passwd")
+        uid, gid = int(name), int(name) if not group else -1
+    groups_table = _table(root / "etc" / "group")
+    if group:
+        for fields in groups_table:
+            if len(fields) >= 3 and (fields[0] == group or fields[2] == group):
+                gid = int(fields[2])
+                break
+        else:
+            if not group.isdigit():
+                raise UsageError(f"{spec}: no such group in the image's /etc/group")
+            gid = int(group)
+    extra = [int(f[2]) for f in groups_table
+             if len(f) >= 4 and name in f[3].split(",") and f[2].isdigit()]
+    return uid, gid, extra, home
+
+
+def _table(path: Path) -> list[list[str]]:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def _enter(root: str, process: Process, bind: bool) -> None:
+    """In the child, before exec: private mounts, binds, chroot, user, cwd."""
+    _check(_libc.unshare(_CLONE_NEWNS), "unshare")
+    _mount("none", "/", _MS_REC | _MS_PRIVATE)
+    if bind:
+        for name in BIND_MOUNTS:
+            target = os.path.join(root, name)
+            if os.path.isdir(target):
+                _mount(f"/{name}", target, _MS_BIND | _MS_REC)
+    os.chroot(root)
+    os.chdir("/")
+    os.setgroups(process.groups)
+    os.setgid(process.gid)
+    os.setuid(process.uid)
+    with contextlib.suppress(OSError):
+        os.chdir(process.cwd)
+
+
+def run_in(root: Path, process: Process, *, bind: bool = True) -> int:
+    """Run `process` chrooted into `root`; its exit status (128+N if killed by signal N)."""
+    for name in BIND_MOUNTS if bind else ():
+        (root / name).mkdir(exist_ok=True)
+    try:
+        child = subprocess.Popen(
+            process.argv, env=process.env, close_fds=True,
+            preexec_fn=lambda: _enter(str(root), process, bind),
+        )
+    except subprocess.SubprocessError as exc:
+        raise LayerfsError(f"{process.argv[0]}: cannot start in the container: {exc}") from None
+    except FileNotFoundError:
+        raise LayerfsError(
+            f"{process.argv[0]}: executable file not found in the container"
+        ) from None
+    except PermissionError:
+        raise LayerfsError(f"{process.argv[0]}: permission denied in the container") from None
+    while True:
+        try:
+            code = child.wait()
+            break
+        except KeyboardInterrupt:  # the child got the SIGINT too; wait for it to finish
+            continue
+    return 128 - code if code < 0 else code
