@@ -7,7 +7,8 @@
     ├── StoreError               the store is missing, locked or inconsistent
     │   └── NotFoundError        an image, layer or container that is not there
     ├── LayerError               a layer tarball that is malformed or hostile
-    └── DigestError              content whose digest is not the one promised
+    ├── DigestError              content whose digest is not the one promised
+    └── RegistryError            a registry refused, failed or could not be reached
 
 Messages read "what: why" and name the thing first. Only `cli` prints them. Filesystem
 operations do not use this tree: they raise `OSError` with the errno the kernel's overlayfs
@@ -48,4 +49,8 @@ class LayerError(LayerfsError):
 
 
 class DigestError(LayerfsError):
+    pass
+
+
+class RegistryError(LayerfsError):
     pass

@@ -10,12 +10,12 @@ from pathlib import Path
 import click
 
 from layerfs.cli.commands_images import since
+from layerfs.cli.commands_registry import resolve_or_pull
 from layerfs.cli.main import Context, cli, handle_errors, human_size, parse_refs, pass_ctx, table
 from layerfs.compression import Compression
 from layerfs.errors import NotFoundError
 from layerfs.services import commit as commit_service
 from layerfs.services import containers as containers_service
-from layerfs.services import images as images_service
 from layerfs.services import run as run_service
 
 
@@ -26,8 +26,7 @@ from layerfs.services import run as run_service
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached until unmounted.")
 @pass_ctx
 @handle_errors
-def mount(ctx: Context, source: str, mountpoint: str, name: str | None,
-          foreground: bool) -> None:
+def mount(ctx: Context, source: str, mountpoint: str, name: str | None, foreground: bool) -> None:
     """Mount an image with a new copy-on-write layer (a container), or an existing container.
 
     Returns once the mount answers; the filesystem daemon stays in the background.
@@ -38,7 +37,7 @@ def mount(ctx: Context, source: str, mountpoint: str, name: str | None,
         if name is not None:
             raise click.UsageError("--name applies to a new container only")
     except NotFoundError:
-        image = images_service.resolve(store, source)
+        image = resolve_or_pull(store, source)
         container = containers_service.create(store, image, source, name)
     image = store.image(container.image)  # type: ignore[arg-type]
     containers_service.mount(store, container, image, mountpoint, foreground=foreground)
@@ -71,10 +70,17 @@ def ps(ctx: Context, show_all: bool, quiet: bool) -> None:
         if quiet:
             click.echo(c.short_id)
             continue
-        rows.append([c.short_id, c.image_ref, since(c.created),
-                     (c.mountpoint or "") if mounted else "",
-                     "Mounted" if mounted else "Unmounted",
-                     human_size(containers_service.size_of_upper(store, c)), c.name])
+        rows.append(
+            [
+                c.short_id,
+                c.image_ref,
+                since(c.created),
+                (c.mountpoint or "") if mounted else "",
+                "Mounted" if mounted else "Unmounted",
+                human_size(containers_service.size_of_upper(store, c)),
+                c.name,
+            ]
+        )
     if not quiet:
         table(rows, ["CONTAINER ID", "IMAGE", "CREATED", "MOUNTPOINT", "STATUS", "SIZE", "NAMES"])
 
@@ -97,20 +103,40 @@ def rm(ctx: Context, names: tuple[str, ...], force: bool) -> None:
 @click.argument("repository", required=False)
 @click.option("-m", "--message", help="Commit message.")
 @click.option("-a", "--author", help='Author (e.g. "Jane <jane@example.com>").')
-@click.option("-c", "--change", "changes", multiple=True,
-              help="Apply a Dockerfile instruction (CMD, ENTRYPOINT, ENV, ...).")
-@click.option("--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip",
-              show_default=True)
+@click.option(
+    "-c",
+    "--change",
+    "changes",
+    multiple=True,
+    help="Apply a Dockerfile instruction (CMD, ENTRYPOINT, ENV, ...).",
+)
+@click.option(
+    "--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip", show_default=True
+)
 @pass_ctx
 @handle_errors
-def commit(ctx: Context, container: str, repository: str | None, message: str | None,
-           author: str | None, changes: tuple[str, ...], compression: str) -> None:
+def commit(
+    ctx: Context,
+    container: str,
+    repository: str | None,
+    message: str | None,
+    author: str | None,
+    changes: tuple[str, ...],
+    compression: str,
+) -> None:
     """Make a new image from a container's changes (one new layer)."""
     store = ctx.store
     found = containers_service.find(store, container)
     refs = parse_refs([repository] if repository else [])
-    image = commit_service.commit(store, found, refs, message=message, author=author,
-                                  changes=list(changes), compression=Compression(compression))
+    image = commit_service.commit(
+        store,
+        found,
+        refs,
+        message=message,
+        author=author,
+        changes=list(changes),
+        compression=Compression(compression),
+    )
     click.echo(image.id)
 
 
@@ -135,20 +161,34 @@ def diff(ctx: Context, container: str) -> None:
 @click.option("-u", "--user", help="User (name or uid[:gid]) to run as.")
 @pass_ctx
 @handle_errors
-def run(ctx: Context, image: str, command: tuple[str, ...], name: str | None,
-        remove_after: bool, env: tuple[str, ...], workdir: str | None,
-        user: str | None) -> None:
+def run(
+    ctx: Context,
+    image: str,
+    command: tuple[str, ...],
+    name: str | None,
+    remove_after: bool,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+) -> None:
     """Run a command in a new container of IMAGE (its Entrypoint/Cmd by default)."""
     store = ctx.store
-    img = images_service.resolve(store, image)
+    img = resolve_or_pull(store, image)
     process = None
     container = containers_service.create(store, img, image, name)
     status = 0
     with tempfile.TemporaryDirectory(prefix="layerfs-run-") as mnt:
         containers_service.mount(store, container, img, mnt)
         try:
-            process = run_service.process_for(Path(mnt), img.config.container_config,
-                                              list(command), list(env), workdir, user, image)
+            process = run_service.process_for(
+                Path(mnt),
+                img.config.container_config,
+                list(command),
+                list(env),
+                workdir,
+                user,
+                image,
+            )
             status = run_service.run_in(Path(mnt), process)
         finally:
             containers_service.umount(store, container)

@@ -44,8 +44,14 @@ def since(timestamp: str | None) -> str:
     if then.tzinfo is None:
         then = then.replace(tzinfo=dt.UTC)
     seconds = (dt.datetime.now(dt.UTC) - then).total_seconds()
-    for unit, length in (("year", 31536000), ("month", 2592000), ("week", 604800),
-                         ("day", 86400), ("hour", 3600), ("minute", 60)):
+    for unit, length in (
+        ("year", 31536000),
+        ("month", 2592000),
+        ("week", 604800),
+        ("day", 86400),
+        ("hour", 3600),
+        ("minute", 60),
+    ):
         if seconds >= length:
             count = int(seconds // length)
             return f"{count} {unit}{'s' if count > 1 else ''} ago"
@@ -58,24 +64,54 @@ def since(timestamp: str | None) -> str:
 @click.argument("source")
 @click.argument("repository", required=False)
 @click.option("-m", "--message", help="Commit message for the imported image.")
-@click.option("-c", "--change", "changes", multiple=True,
-              help="Apply a Dockerfile instruction (CMD, ENV, WORKDIR, ...).")
-@click.option("--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip",
-              show_default=True, help="How the layer blob is compressed.")
+@click.option(
+    "-c",
+    "--change",
+    "changes",
+    multiple=True,
+    help="Apply a Dockerfile instruction (CMD, ENV, WORKDIR, ...).",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["gzip", "zstd", "none"]),
+    default="gzip",
+    show_default=True,
+    help="How the layer blob is compressed.",
+)
 @pass_ctx
 @handle_errors
-def import_(ctx: Context, source: str, repository: str | None, message: str | None,
-            changes: tuple[str, ...], compression: str) -> None:
+def import_(
+    ctx: Context,
+    source: str,
+    repository: str | None,
+    message: str | None,
+    changes: tuple[str, ...],
+    compression: str,
+) -> None:
     """Make a one-layer image from a root filesystem tarball (FILE, or - for stdin)."""
     refs = parse_refs([repository] if repository else [])
     if source == "-":
         stdin = cast("io.BufferedReader", sys.stdin.buffer)
-        image = import_tarball(ctx.store, stdin, "-", refs, message=message,
-                               changes=list(changes), compression=Compression(compression))
+        image = import_tarball(
+            ctx.store,
+            stdin,
+            "-",
+            refs,
+            message=message,
+            changes=list(changes),
+            compression=Compression(compression),
+        )
     else:
         with open(source, "rb") as stream:
-            image = import_tarball(ctx.store, stream, source, refs, message=message,
-                                   changes=list(changes), compression=Compression(compression))
+            image = import_tarball(
+                ctx.store,
+                stream,
+                source,
+                refs,
+                message=message,
+                changes=list(changes),
+                compression=Compression(compression),
+            )
     click.echo(image.id)
 
 
@@ -88,8 +124,15 @@ def import_(ctx: Context, source: str, repository: str | None, message: str | No
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @pass_ctx
 @handle_errors
-def images(ctx: Context, repository: str | None, show_all: bool, quiet: bool, digests: bool,
-           no_trunc: bool, fmt: str) -> None:
+def images(
+    ctx: Context,
+    repository: str | None,
+    show_all: bool,
+    quiet: bool,
+    digests: bool,
+    no_trunc: bool,
+    fmt: str,
+) -> None:
     """List images."""
     store = ctx.store
     rows = []
@@ -108,9 +151,21 @@ def images(ctx: Context, repository: str | None, show_all: bool, quiet: bool, di
                 continue
             rows.append((repo, tag, image, size))
     if fmt == "json":
-        echo_json([{"Repository": r, "Tag": t, "ID": i.id, "Digest": i.manifest_digest,
-                    "CreatedAt": i.config.created, "Size": s} for r, t, i, s in rows])
+        echo_json(
+            [
+                {
+                    "Repository": r,
+                    "Tag": t,
+                    "ID": i.id,
+                    "Digest": i.manifest_digest,
+                    "CreatedAt": i.config.created,
+                    "Size": s,
+                }
+                for r, t, i, s in rows
+            ]
+        )
         return
+
     def ident(image: Image) -> str:
         return image.id if no_trunc else image.short_id
 
@@ -122,8 +177,20 @@ def images(ctx: Context, repository: str | None, show_all: bool, quiet: bool, di
         click.echo("\n".join(seen)) if seen else None
         return
     header = ["REPOSITORY", "TAG", *(["DIGEST"] if digests else []), "IMAGE ID", "CREATED", "SIZE"]
-    table([[r, t, *([i.manifest_digest] if digests else []), ident(i), since(i.config.created),
-            human_size(s)] for r, t, i, s in rows], header)
+    table(
+        [
+            [
+                r,
+                t,
+                *([i.manifest_digest] if digests else []),
+                ident(i),
+                since(i.config.created),
+                human_size(s),
+            ]
+            for r, t, i, s in rows
+        ],
+        header,
+    )
 
 
 @cli.command()
@@ -164,9 +231,19 @@ def history(ctx: Context, image: str, no_trunc: bool, human: bool) -> None:
     def cut(text: str) -> str:
         return text if no_trunc or len(text) <= 45 else text[:44] + "…"
 
-    table([[r.image, since(r.created) if human else (r.created or ""), cut(r.created_by),
-            human_size(r.size) if human else str(r.size), r.comment] for r in rows],
-          ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"])
+    table(
+        [
+            [
+                r.image,
+                since(r.created) if human else (r.created or ""),
+                cut(r.created_by),
+                human_size(r.size) if human else str(r.size),
+                r.comment,
+            ]
+            for r in rows
+        ],
+        ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
+    )
 
 
 def inspect_doc(ctx: Context, image: Image) -> dict[str, object]:
@@ -174,8 +251,9 @@ def inspect_doc(ctx: Context, image: Image) -> dict[str, object]:
     return {
         "Id": image.id,
         "RepoTags": [f"{Reference.parse(r).familiar()}:{r.rsplit(':', 1)[1]}" for r in image.refs],
-        "RepoDigests": [f"{Reference.parse(r).familiar()}@{image.manifest_digest}"
-                        for r in image.refs],
+        "RepoDigests": [
+            f"{Reference.parse(r).familiar()}@{image.manifest_digest}" for r in image.refs
+        ],
         "Created": config.get("created"),
         "Author": config.get("author", ""),
         "Comment": image.config.history[-1].comment if image.config.history else "",
@@ -185,8 +263,10 @@ def inspect_doc(ctx: Context, image: Image) -> dict[str, object]:
         "Size": images_service.image_size(ctx.store, image),
         "RootFS": {"Type": "layers", "Layers": list(image.diff_ids)},
         "Manifest": {"Digest": image.manifest_digest, "MediaType": image.manifest.media_type},
-        "GraphDriver": {"Name": "layerfs",
-                        "Data": {"LowerDirs": [str(p) for p in ctx.store.lower_dirs(image)]}},
+        "GraphDriver": {
+            "Name": "layerfs",
+            "Data": {"LowerDirs": [str(p) for p in ctx.store.lower_dirs(image)]},
+        },
     }
 
 
@@ -210,15 +290,24 @@ def tree(ctx: Context, names: tuple[str, ...]) -> None:
 
     console = Console(highlight=False)
     for image, layers in images_service.tree(ctx.store, list(names)):
-        label = ", ".join(Reference.parse(r).familiar() + ":" + r.rsplit(":", 1)[1]
-                          for r in image.refs) or "<none>"
-        root = Tree(f"[bold]{label}[/bold]  {image.short_id}  "
-                    f"{human_size(sum(layer.size for layer in layers))}")
+        label = (
+            ", ".join(Reference.parse(r).familiar() + ":" + r.rsplit(":", 1)[1] for r in image.refs)
+            or "<none>"
+        )
+        root = Tree(
+            f"[bold]{label}[/bold]  {image.short_id}  "
+            f"{human_size(sum(layer.size for layer in layers))}"
+        )
         for index, layer in enumerate(reversed(layers)):
-            shared = (f"  [cyan]shared with {', '.join(layer.shared_with)}[/cyan]"
-                      if layer.shared_with else "")
-            root.add(f"layer {len(layers) - index}: {layer.diff_id.removeprefix('sha256:')[:12]}"
-                     f"  {human_size(layer.size)}{shared}")
+            shared = (
+                f"  [cyan]shared with {', '.join(layer.shared_with)}[/cyan]"
+                if layer.shared_with
+                else ""
+            )
+            root.add(
+                f"layer {len(layers) - index}: {layer.diff_id.removeprefix('sha256:')[:12]}"
+                f"  {human_size(layer.size)}{shared}"
+            )
         if not layers:
             root.add("(no layers)")
         console.print(root)
@@ -235,18 +324,30 @@ def system() -> None:
 def system_df(ctx: Context) -> None:
     """Show disk usage: images, layers (each stored once), containers, blobs."""
     usage = images_service.disk_usage(ctx.store)
-    table([
-        ["Images", str(usage.images), human_size(usage.images_size),
-         f"shared {human_size(usage.shared_size)}"],
-        ["Layers", str(usage.layers), human_size(usage.layers_size), "unpacked, one copy each"],
-        ["Containers", str(usage.containers), human_size(usage.containers_size), "upper dirs"],
-        ["Blobs", str(usage.blobs), human_size(usage.blobs_size), "compressed"],
-    ], ["TYPE", "TOTAL", "SIZE", "NOTE"])
+    table(
+        [
+            [
+                "Images",
+                str(usage.images),
+                human_size(usage.images_size),
+                f"shared {human_size(usage.shared_size)}",
+            ],
+            ["Layers", str(usage.layers), human_size(usage.layers_size), "unpacked, one copy each"],
+            ["Containers", str(usage.containers), human_size(usage.containers_size), "upper dirs"],
+            ["Blobs", str(usage.blobs), human_size(usage.blobs_size), "compressed"],
+        ],
+        ["TYPE", "TOTAL", "SIZE", "NOTE"],
+    )
 
 
 @system.command("prune")
-@click.option("-a", "--all", "all_unused", is_flag=True,
-              help="Remove all images no container uses, not only untagged ones.")
+@click.option(
+    "-a",
+    "--all",
+    "all_unused",
+    is_flag=True,
+    help="Remove all images no container uses, not only untagged ones.",
+)
 @pass_ctx
 @handle_errors
 def system_prune(ctx: Context, all_unused: bool) -> None:
@@ -257,11 +358,15 @@ def system_prune(ctx: Context, all_unused: bool) -> None:
     click.echo(f"Removed {blobs} blobs and {layers} layers")
 
 
-
 @cli.command()
-@click.option("-i", "--input", "source", required=True,
-              type=click.Path(exists=True, path_type=Path),
-              help="docker-save archive, OCI archive, or OCI layout directory.")
+@click.option(
+    "-i",
+    "--input",
+    "source",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="docker-save archive, OCI archive, or OCI layout directory.",
+)
 @click.option("--repository", help="Repository for images the archive names by tag only.")
 @pass_ctx
 @handle_errors
@@ -278,8 +383,12 @@ def load(ctx: Context, source: Path, repository: str | None) -> None:
 
 @cli.command()
 @click.argument("names", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write to this file (default: stdout).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file (default: stdout).",
+)
 @pass_ctx
 @handle_errors
 def save(ctx: Context, names: tuple[str, ...], output: Path | None) -> None:

@@ -75,8 +75,12 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root", type=click.Path(path_type=Path), envvar="LAYERFS_ROOT",
-              help="Store directory (default /var/lib/layerfs for root).")
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    envvar="LAYERFS_ROOT",
+    help="Store directory (default /var/lib/layerfs for root).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(package_name="layerfs")
 @click.pass_context
@@ -115,7 +119,11 @@ def echo_json(doc: Any) -> None:
 
 
 def main() -> None:
-    from layerfs.cli import commands_containers, commands_images  # noqa: F401  registers
+    from layerfs.cli import (  # noqa: F401  importing them registers the commands
+        commands_containers,
+        commands_images,
+        commands_registry,
+    )
 
     cli(prog_name="layerfs")
 

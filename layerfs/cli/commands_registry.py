@@ -1,0 +1,190 @@
+"""Registry commands: pull, push, login, logout, search; and the implicit pull of mount/run."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+import click
+
+from layerfs.cli.main import Context, cli, handle_errors, human_size, pass_ctx, table
+from layerfs.errors import NotFoundError, ReferenceError_, RegistryError, UsageError
+from layerfs.reference import Reference
+from layerfs.registry.auth import Credentials
+from layerfs.services import images as images_service
+from layerfs.services import pull as pull_service
+from layerfs.services import push as push_service
+from layerfs.services import registries
+from layerfs.services import search as search_service
+
+if TYPE_CHECKING:
+    from layerfs.digest import Digest
+    from layerfs.store.store import Image, Store
+
+
+class LineProgress:
+    """Docker's per-layer status lines, one per change of status (no byte counts)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def layer(self, digest: Digest, status: str, done: int = 0, total: int = 0) -> None:
+        short = digest.removeprefix("sha256:")[:12]
+        with self._lock:
+            if self._last.get(short) == status:
+                return
+            self._last[short] = status
+            if status in ("Downloading", "Pushing") and not sys.stdout.isatty():
+                return
+            suffix = f" {human_size(done)}/{human_size(total)}" if total and done else ""
+            click.echo(f"{short}: {status}{suffix}")
+
+
+def pull_image(
+    store: Store, text: str, *, platform: str | None = None, insecure: bool = False
+) -> Image:
+    """Pull with docker's output; returns the image."""
+    ref = Reference.parse(text)
+    click.echo(
+        f"{ref.tag or ref.digest}: Pulling from {ref.familiar()}"
+    )
+    pulled = pull_service.pull(
+        store, text, platform=platform, insecure=insecure, progress=LineProgress()
+    )
+    click.echo(f"Digest: {pulled.digest}")
+    name = f"{ref.familiar()}:{ref.tag}" if ref.tag else f"{ref.familiar()}@{ref.digest}"
+    if pulled.up_to_date:
+        click.echo(f"Status: Image is up to date for {name}")
+    else:
+        click.echo(f"Status: Downloaded newer image for {name}")
+    return pulled.image
+
+
+def resolve_or_pull(store: Store, text: str) -> Image:
+    """docker run's rule: an image missing from the store is pulled first."""
+    try:
+        return images_service.resolve(store, text)
+    except NotFoundError:
+        try:
+            Reference.parse(text)
+        except ReferenceError_:
+            raise NotFoundError(f"{text}: no such image") from None
+        click.echo(f"Unable to find image '{text}' locally", err=True)
+        return pull_image(store, text)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--platform", help="os/arch[/variant] (default: this host's).")
+@click.option("-a", "--all-tags", is_flag=True, help="Pull every tag of the repository.")
+@click.option("--insecure", is_flag=True, help="Plain HTTP to this registry.")
+@pass_ctx
+@handle_errors
+def pull(ctx: Context, name: str, platform: str | None, all_tags: bool, insecure: bool) -> None:
+    """Pull an image from a registry: NAME[:TAG|@DIGEST]."""
+    if all_tags:
+        for tagged in pull_service.all_tags(ctx.store, name, insecure=insecure):
+            pull_image(ctx.store, tagged, platform=platform, insecure=insecure)
+        return
+    pull_image(ctx.store, name, platform=platform, insecure=insecure)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--insecure", is_flag=True, help="Plain HTTP to this registry.")
+@pass_ctx
+@handle_errors
+def push(ctx: Context, name: str, insecure: bool) -> None:
+    """Push an image to a registry: NAME[:TAG]."""
+    ref = Reference.parse(name)
+    click.echo(f"The push refers to repository [{ref.name}]")
+    pushed = push_service.push(ctx.store, name, insecure=insecure, progress=LineProgress())
+    click.echo(f"{pushed.reference.tag}: digest: {pushed.digest} size: {pushed.size}")
+
+
+@cli.command()
+@click.argument("registry", default="docker.io")
+@click.option("-u", "--username")
+@click.option("-p", "--password")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option("--insecure", is_flag=True)
+@pass_ctx
+@handle_errors
+def login(
+    ctx: Context,
+    registry: str,
+    username: str | None,
+    password: str | None,
+    password_stdin: bool,
+    insecure: bool,
+) -> None:
+    """Log in to a registry; the credentials go to the store's auth.json (mode 0600)."""
+    domain = _domain(registry)
+    if password_stdin:
+        password = sys.stdin.read().rstrip("\n")
+    if username is None:
+        username = click.prompt("Username")
+    if password is None:
+        password = click.prompt("Password", hide_input=True)
+    creds = Credentials(username, password)
+    store = ctx.store
+    with registries.client_for(store, domain, insecure=insecure, creds=creds) as client:
+        try:
+            client.ping()
+        except RegistryError as exc:
+            raise RegistryError(f"login to {domain} failed: {exc}") from None
+    registries.credentials(store).save(domain, creds)
+    click.echo("Login Succeeded")
+
+
+@cli.command()
+@click.argument("registry", default="docker.io")
+@pass_ctx
+@handle_errors
+def logout(ctx: Context, registry: str) -> None:
+    """Remove the credentials stored for a registry."""
+    domain = _domain(registry)
+    if not registries.credentials(ctx.store).remove(domain):
+        raise UsageError(f"{domain}: not logged in")
+    click.echo(f"Removing login credentials for {domain}")
+
+
+def _domain(text: str) -> str:
+    text = text.removeprefix("https://").removeprefix("http://").rstrip("/")
+    if text.endswith("/v1"):
+        text = text[:-3]
+    return {"index.docker.io": "docker.io", "registry-1.docker.io": "docker.io"}.get(text, text)
+
+
+@cli.command()
+@click.argument("term")
+@click.option("--limit", type=int, default=25, show_default=True)
+@click.option(
+    "-f",
+    "--filter",
+    "filters",
+    multiple=True,
+    help="is-official=true|false, is-automated=true|false, stars=N.",
+)
+@click.option("--insecure", is_flag=True)
+@pass_ctx
+@handle_errors
+def search(ctx: Context, term: str, limit: int, filters: tuple[str, ...], insecure: bool) -> None:
+    """Search Docker Hub, or a registry's catalog with REGISTRY/TERM."""
+    results = search_service.search(ctx.store, term, limit=limit, insecure=insecure)
+    results = search_service.apply_filters(results, list(filters))
+    table(
+        [
+            [
+                r.name,
+                r.description[:45],
+                str(r.stars),
+                "[OK]" if r.official else "",
+                "[OK]" if r.automated else "",
+            ]
+            for r in results
+        ],
+        ["NAME", "DESCRIPTION", "STARS", "OFFICIAL", "AUTOMATED"],
+    )
