@@ -118,3 +118,7 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def fsync_file(f: BinaryIO) -> None:
+    os.fsync(f.fileno())
