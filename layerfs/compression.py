@@ -27,7 +27,7 @@ from layerfs.errors import LayerError
 if TYPE_CHECKING:
     from typing import BinaryIO
 
-    from layerfs.digest import Reader
+    from layerfs.digest import Reader, Writer
 
 GZIP_MAGIC: Final = b"\x1f\x8b"
 ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
@@ -151,7 +151,7 @@ def open_reader(
 
 
 def open_writer(
-    stream: BinaryIO, compression: Compression, level: int | None = None
+    stream: Writer, compression: Compression, level: int | None = None
 ) -> io.BufferedIOBase:
     """A writer that compresses into `stream`; close it to finish the stream.
 
@@ -174,14 +174,15 @@ def open_writer(
             # reader then detects damage without the blob digest.
             zstd.CompressionParameter.checksum_flag: 1,
         }
-        return zstd.ZstdFile(stream, mode="w", options=options)
+        # (ZstdFile never closes a file object it was given; its stub asks for close anyway.)
+        return zstd.ZstdFile(cast("BinaryIO", stream), mode="w", options=options)
     return _Uncloseable(stream)
 
 
 class _Uncloseable(io.BufferedIOBase):
     """The identity writer: passes writes through, and its close leaves `stream` open."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: Writer) -> None:
         self._stream = stream
 
     def writable(self) -> bool:

@@ -51,6 +51,14 @@ class Reader(Protocol):
     def readinto(self, buffer: bytearray | memoryview, /) -> int | None: ...
 
 
+class Writer(Protocol):
+    """What layerfs writes streams through: a binary file's `write` and `flush`."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
 # Streams are drained in chunks of this size; large enough that per-call overhead vanishes.
 CHUNK_SIZE = 1 << 20
 

@@ -282,6 +282,17 @@ def test_garbage_header_is_refused(layer: Layer) -> None:
     layer.refused(b"\x01" * 4096, "malformed tar")
 
 
+def test_garbage_pax_record_is_refused(layer: Layer) -> None:
+    # tarfile treats a PAX block it cannot parse as the end of the archive: entries after
+    # it would be lost without a word.
+    info, data = file("f", b"x")
+    info.pax_headers = {"comment": "hello"}
+    tar = make_tar((info, data), file("after", b"a"))
+    assert b"17 comment=hello\n" in tar
+    bad = tar.replace(b"17 comment=hello\n", b"00 comment=hello\n")  # length 0
+    layer.refused(bad, "malformed tar")
+
+
 def test_huge_pax_header_is_refused(layer: Layer) -> None:
     info, data = file("f", b"x")
     info.pax_headers = {"comment": "c" * 100_000}

@@ -38,15 +38,15 @@ Concurrency: one call unpacks one layer, synchronously, in the calling thread; i
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import tarfile
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import IO, TYPE_CHECKING, Final, TypeVar, cast
 
-from layerfs.compression import open_reader
-from layerfs.digest import DiffID, HashingReader
+from layerfs.compression import Compression, open_reader
+from layerfs.digest import DiffID, Hasher
 from layerfs.errors import LayerError
 from layerfs.oci.whiteout import is_opaque_marker, is_whiteout_name, whiteout_target
 from layerfs.overlay_xattrs import CAPABILITY, OPAQUE, is_private
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from layerfs.digest import Reader
+    from layerfs.digest import Digest, Reader
 
 _T = TypeVar("_T")
 
@@ -129,10 +129,13 @@ def unpack_layer(
     *,
     name: str | None = None,
     limits: UnpackLimits | None = None,
+    compression: Compression | None = None,
 ) -> UnpackStats:
-    """Unpack the layer tar `stream` (compression detected) into the empty directory `dest`.
+    """Unpack the layer tar `stream` into the empty directory `dest`.
 
-    `name` names the layer in error messages (default: the stream's file name, or "layer").
+    `compression` None detects it from the first bytes; a caller that already decompressed
+    says `Compression.NONE`. `name` names the layer in error messages (default: the
+    stream's file name, or "layer").
     Returns the counts and the diff_id: the sha256 of the whole uncompressed tar, read to
     EOF. Raises LayerError for a hostile or malformed tar, a damaged stream, or an entry
     that cannot be made (a device node when not root); OSError for errors of the disk
@@ -144,18 +147,44 @@ def unpack_layer(
         name = os.path.basename(stream_name) if isinstance(stream_name, str) else "layer"
     unpacker = _Unpacker(dest, name, limits or UnpackLimits())
     try:
-        return unpacker.run(stream)
+        return unpacker.run(stream, compression)
     finally:
         unpacker.close()
 
 
-class _Source(HashingReader):
-    """The tar as tarfile sees it: hashed, forward-only, with bounded header reads."""
+class _HashingRaw(io.RawIOBase):
+    """The uncompressed tar as a raw stream, hashed as it is pulled: in large chunks."""
+
+    def __init__(self, stream: Reader) -> None:
+        self._stream = stream
+        self.hasher = Hasher()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self._stream.readinto(buffer) or 0
+        if n:
+            self.hasher.update(memoryview(buffer)[:n])
+        return n
+
+
+class _Source:
+    """The tar as tarfile sees it: a file that only seeks forwards, with bounded reads.
+
+    Every byte is hashed once, below a large read buffer, so headers cost no hashing call of
+    their own; `drain()` at the end makes the digest cover the stream to EOF.
+    """
 
     def __init__(self, stream: Reader, name: str, max_read: int) -> None:
-        super().__init__(stream)
+        self._raw = _HashingRaw(stream)
+        buffered = io.BufferedReader(self._raw, COPY_BUFFER_SIZE)
+        self._read = buffered.read
+        self._readinto = buffered.readinto
         self._name = name
         self._max_read = max_read
+        self._pos = 0
+        self._scratch = bytearray(COPY_BUFFER_SIZE)
         self.last_at = -1
         self.last = b""
 
@@ -164,13 +193,56 @@ class _Source(HashingReader):
         # goes through readinto. An unbounded read would let a header claim all memory.
         if size < 0 or size > self._max_read:
             raise LayerError(
-                f"{self._name}: tar header block of {size} bytes at offset {self.tell()} "
+                f"{self._name}: tar header block of {size} bytes at offset {self._pos} "
                 f"exceeds the limit of {self._max_read}"
             )
-        at = self.tell()
-        data = super().read(size)
-        self.last_at, self.last = at, data
+        data = self._read(size)
+        self.last_at = self._pos
+        self.last = data
+        self._pos += len(data)
         return data
+
+    def readinto(self, buffer: memoryview) -> int:
+        n = self._readinto(buffer)
+        self._pos += n
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self._pos + offset
+        if whence not in (0, 1) or target < self._pos:
+            raise io.UnsupportedOperation(f"{self._name}: cannot seek backwards in a stream")
+        if target > self._pos:
+            self.skip(target - self._pos)
+        return self._pos
+
+    def skip(self, count: int) -> int:
+        """Read `count` bytes (fewer at EOF) into the void; return how many."""
+        view = memoryview(self._scratch)
+        done = 0
+        while done < count:
+            n = self.readinto(view[: min(count - done, len(view))])
+            if not n:
+                break
+            done += n
+        return done
+
+    def drain(self) -> int:
+        """Read to EOF; return how many bytes were left."""
+        view = memoryview(self._scratch)
+        done = 0
+        while n := self.readinto(view):
+            done += n
+        return done
+
+    @property
+    def size(self) -> int:
+        return self._pos
+
+    def digest(self) -> Digest:
+        return self._raw.hasher.digest()
 
 
 class _Unpacker:
@@ -199,8 +271,8 @@ class _Unpacker:
 
     # -- the stream --------------------------------------------------------------------
 
-    def run(self, stream: Reader) -> UnpackStats:
-        reader = open_reader(stream, self._name)
+    def run(self, stream: Reader, compression: Compression | None) -> UnpackStats:
+        reader = open_reader(stream, self._name, compression)
         try:
             source = _Source(reader, self._name, self._limits.max_header_size)
             self._read_entries(source)
@@ -644,10 +716,10 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     """The mtime in nanoseconds; PAX keeps fractions that tarfile's float would round."""
     text = member.pax_headers.get("mtime") if member.pax_headers else None
     if text is not None:
-        try:
-            return int(Decimal(text).scaleb(9))
-        except (InvalidOperation, ValueError, OverflowError):
-            pass
+        seconds, _, fraction = text.lstrip("+-").partition(".")
+        if seconds.isdigit() and (not fraction or fraction.isdigit()):
+            ns = int(seconds) * 1_000_000_000 + int(fraction[:9].ljust(9, "0"))
+            return -ns if text.startswith("-") else ns
     return int(member.mtime) * 1_000_000_000
 
 
