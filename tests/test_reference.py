@@ -125,10 +125,23 @@ def test_name_length_limit_counts_the_domain() -> None:
         parse(f"x/{path[1:]}")
 
 
-components = st.from_regex(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*", fullmatch=True)
+alnum = st.text(alphabet="abz059", min_size=1, max_size=4)
+separators = st.sampled_from([".", "_", "__", "-", "---"])
+components = st.builds(
+    lambda first, rest: first + "".join(sep + word for sep, word in rest),
+    alnum,
+    st.lists(st.tuples(separators, alnum), max_size=2),
+)
 paths = st.lists(components, min_size=1, max_size=4).map("/".join)
 domains = st.sampled_from(["", "docker.io/", "index.docker.io/", "localhost/", "reg.io:5000/"])
-tags = st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True))
+tags = st.one_of(
+    st.none(),
+    st.builds(
+        str.__add__,
+        st.sampled_from("aZ9_"),
+        st.text(alphabet="aZ9_.-", max_size=20),
+    ),
+)
 
 
 @given(domain=domains, path=paths, tag=tags, pinned=st.booleans())

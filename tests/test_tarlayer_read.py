@@ -654,6 +654,7 @@ def _tree(root: Path) -> dict[bytes, tuple[object, ...]]:
     """Everything `tar -xp` promises to keep, per path; hard links by group."""
     rows: dict[bytes, tuple[object, ...]] = {}
     inodes: dict[int, list[bytes]] = {}
+    hashes: dict[int, str] = {}  # per inode: busybox has 400 names for one binary
     base = os.fsencode(root)
     for dirpath, dirnames, filenames in os.walk(base):
         for name in [b"", *dirnames, *filenames] if dirpath == base else [*dirnames, *filenames]:
@@ -662,8 +663,10 @@ def _tree(root: Path) -> dict[bytes, tuple[object, ...]]:
             st = os.lstat(path)
             extra: object = None
             if stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    extra = hashlib.sha256(f.read()).hexdigest()
+                if st.st_ino not in hashes:
+                    with open(path, "rb") as f:
+                        hashes[st.st_ino] = hashlib.file_digest(f, "sha256").hexdigest()
+                extra = hashes[st.st_ino]
                 inodes.setdefault(st.st_ino, []).append(rel)
             elif stat.S_ISLNK(st.st_mode):
                 extra = os.readlink(path)
