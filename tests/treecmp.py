@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 Entry = tuple[object, ...]
 

@@ -19,7 +19,7 @@ from layerfs.store import atomic
 from layerfs.tarlayer.read import unpack_layer
 
 if TYPE_CHECKING:
-    from layerfs.digest import Reader
+    from layerfs.digest import Reader, Writer
     from layerfs.store.store import Store
 
 
@@ -34,7 +34,7 @@ class NewLayer:
 class _TeeReader:
     """Reads from `stream` and writes every byte read to `sink`."""
 
-    def __init__(self, stream: Reader, sink: BinaryIO) -> None:
+    def __init__(self, stream: Reader, sink: Writer) -> None:
         self._stream = stream
         self._sink = sink
 
@@ -87,8 +87,9 @@ def add_tar_stream(
     with atomic.staging_file(store.layout.tmp) as (blob_tmp, blob_file), \
             store.staged_layer() as stage:
         hashing = _HashingWriter(blob_file)
-        writer = open_writer(hashing, compression)  # type: ignore[arg-type]
-        stats = unpack_layer(_TeeReader(source, writer), stage / "diff", name=name)  # type: ignore[arg-type]
+        writer = open_writer(hashing, compression)
+        tee = _TeeReader(source, writer)
+        stats = unpack_layer(tee, stage / "diff", name=name)
         writer.close()
         blob_file.flush()
         os.fsync(blob_file.fileno())
