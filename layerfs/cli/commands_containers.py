@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from layerfs.cli.commands_images import since
-from layerfs.cli.commands_registry import resolve_or_pull
 from layerfs.cli.main import Context, cli, handle_errors, human_size, parse_refs, pass_ctx, table
+from layerfs.cli.pulling import resolve_or_pull
 from layerfs.compression import Compression
 from layerfs.errors import NotFoundError
 from layerfs.services import commit as commit_service

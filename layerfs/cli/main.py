@@ -7,6 +7,7 @@ traceback). Tables look like docker's, so that habits carry over.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
@@ -74,7 +75,30 @@ def _fail(message: str, code: int) -> NoReturn:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_COMMAND_MODULES = {
+    **dict.fromkeys(("import", "images", "tag", "rmi", "history", "inspect", "tree", "system",
+                     "load", "save"), "commands_images"),
+    **dict.fromkeys(("mount", "umount", "ps", "rm", "commit", "diff", "run"),
+                    "commands_containers"),
+    **dict.fromkeys(("pull", "push", "login", "logout", "search"), "commands_registry"),
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when the command runs: `layerfs mount` should not pay
+    for the registry client's imports (mount time is a target: under 100 ms)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_COMMAND_MODULES))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = _COMMAND_MODULES.get(cmd_name)
+        if cmd_name not in self.commands and module is not None:
+            importlib.import_module(f"layerfs.cli.{module}")
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--root",
     type=click.Path(path_type=Path),
@@ -119,12 +143,6 @@ def echo_json(doc: Any) -> None:
 
 
 def main() -> None:
-    from layerfs.cli import (  # noqa: F401  importing them registers the commands
-        commands_containers,
-        commands_images,
-        commands_registry,
-    )
-
     cli(prog_name="layerfs")
 
 

@@ -79,10 +79,13 @@ def list_containers(store: Store) -> list[Container]:
 
 def find(store: Store, text: str) -> Container:
     """A container by name, id or id prefix, or by the mountpoint it is mounted on."""
-    real = os.path.realpath(text) if os.path.isabs(text) else None
-    matches = [c for c in list_containers(store)
-               if c.name == text or c.id.startswith(text)
-               or (real is not None and c.mountpoint == real)]
+    if os.path.isabs(text) or text.startswith("."):
+        real = os.path.realpath(text)
+        mounted = [c for c in list_containers(store) if c.mountpoint == real and is_mounted(c)]
+        if mounted:
+            return mounted[0]
+        raise NotFoundError(f"{text}: no container is mounted there")
+    matches = [c for c in list_containers(store) if c.name == text or c.id.startswith(text)]
     if not matches:
         raise NotFoundError(f"{text}: no such container")
     exact = [c for c in matches if c.name == text or c.id == text]
