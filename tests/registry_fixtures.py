@@ -713,7 +713,7 @@ class StoreSnapshot:
     blobs: frozenset[str]
     layers: frozenset[str]
     state: str
-    tmp: frozenset[str]
+    tmp: frozenset[str]  # everything under tmp/, directories with a trailing /
 
 
 @dataclass
@@ -755,6 +755,7 @@ class LayerfsStore:
         assert len(lines) == 1, f"layerfs {' '.join(args)}: not one line on stderr:\n" + \
             result.stderr
         assert lines[0].startswith("layerfs: "), lines
+        print(f"layerfs {' '.join(args)} -> {lines[0]}")  # shown by `pytest -rP`
         return lines[0]
 
     def inspect(self, name: str) -> dict[str, Any]:
@@ -769,10 +770,13 @@ class LayerfsStore:
     def snapshot(self) -> StoreSnapshot:
         def names(path: Path) -> frozenset[str]:
             return frozenset(p.name for p in path.iterdir()) if path.is_dir() else frozenset()
+
+        tmp = self.root / "tmp"
+        staged = frozenset(str(p.relative_to(tmp)) + ("/" if p.is_dir() else "")
+                           for p in tmp.rglob("*")) if tmp.is_dir() else frozenset()
         state = self.root / "state.json"
         return StoreSnapshot(names(self.root / "blobs" / "sha256"), names(self.root / "layers"),
-                             state.read_text() if state.exists() else "",
-                             names(self.root / "tmp"))
+                             state.read_text() if state.exists() else "", staged)
 
     def assert_unchanged(self, before: StoreSnapshot) -> None:
         """Nothing partial: no new blob, no new layer, the same refs, an empty tmp."""

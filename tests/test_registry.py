@@ -30,6 +30,7 @@ from tests.registry_fixtures import (  # noqa: E402
     GLIBC,
     GLIBC_CONFIG,
     GLIBC_MANIFEST,
+    LAYERFS,
     MUSL,
     MUSL_CONFIG,
     MUSL_LAYER,
@@ -273,8 +274,18 @@ def test_index_gives_the_host_platform(seeded: Seeded, store: LayerfsStore) -> N
     expected = {"amd64": MUSL_CONFIG, "arm64": GLIBC_CONFIG}.get(host_arch())
     if expected is None:
         pytest.skip(f"no image for this host's platform ({host_arch()}) in the index")
+    info = store.inspect(ref)
+    assert info["Id"] == expected
+    # docker prints, and records as the repo digest, the digest the tag names: the index's
     assert f"Digest: {seeded.index_digest}" in pull_lines(out), out
-    assert store.inspect(ref)["Id"] == expected
+    assert f"{seeded.registry.ref('test/multi')}@{seeded.index_digest}" in info["RepoDigests"]
+
+
+@needs("pull")
+def test_index_by_digest(seeded: Seeded, store: LayerfsStore) -> None:
+    ref = seeded.registry.ref(f"test/multi@{seeded.index_digest}")
+    store.ok("pull", "--platform", "linux/arm64", ref)
+    assert store.inspect(ref)["Id"] == GLIBC_CONFIG
 
 
 @needs("pull")
@@ -332,6 +343,48 @@ def test_registry_down(store: LayerfsStore) -> None:
 
 
 @needs("pull")
+def test_pull_all_tags(seeded: Seeded, store: LayerfsStore) -> None:
+    store.ok("pull", "-a", seeded.registry.ref("library/busybox"))
+    assert store.inspect(seeded.registry.ref("library/busybox:musl"))["Id"] == MUSL_CONFIG
+    assert store.inspect(seeded.registry.ref("library/busybox:glibc"))["Id"] == GLIBC_CONFIG
+
+
+@needs("push")
+def test_push_errors(seeded: Seeded, store: LayerfsStore, tmp_path: Path) -> None:
+    missing = seeded.registry.ref("test/never-made:1")
+    line = store.fails("push", missing)
+    assert "test/never-made" in line, line
+    store.ok("import", str(rootfs_tarball(tmp_path / "root.tar", b"x\n")), "test/down:1")
+    down = f"127.0.0.1:{free_port()}/test/down:1"
+    store.ok("tag", "test/down:1", down)
+    before = store.snapshot()
+    line = store.fails("push", down, timeout=60)
+    assert "test/down" in line, line
+    store.assert_unchanged(before)
+
+
+@needs("pull")
+def test_concurrent_pulls_share_one_layer(seeded: Seeded, store: LayerfsStore) -> None:
+    ref = seeded.registry.ref("test/stacked:1")
+    argv = [str(LAYERFS), "--root", str(store.root), "pull", ref]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=store.env) for _ in range(2)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    for code, _out, err in results:
+        assert code == 0, err
+    assert store.inspect(ref)["Config"] is not None
+    assert len(list((store.root / "layers").iterdir())) == 2
+    assert not store.snapshot().tmp
+
+
+@needs("search")
+def test_search_limit(seeded: Seeded, store: LayerfsStore) -> None:
+    out = store.ok("search", "--limit", "1", seeded.registry.ref("busy"))
+    rows = [line for line in out.splitlines()[1:] if line.strip()]
+    assert len(rows) == 1, out
+
+
+@needs("search")
 def test_search_lists_the_catalog(seeded: Seeded, store: LayerfsStore) -> None:
     out = store.ok("search", seeded.registry.ref("busy"))
     lines = out.splitlines()
@@ -381,6 +434,28 @@ def uploads(reg: Registry, since: int, repo: str) -> list[str]:
     """Blob upload requests into `repo` (POST starts, PATCH chunks, PUT completions)."""
     return [f"{a.method} {a.path}" for a in reg.accesses(since)
             if a.path.startswith(f"/v2/{repo}/blobs/uploads")]
+
+
+def blob_digests(reg: Registry, ref: str) -> list[str]:
+    """The layer digests of the manifest `ref` (HOST/REPO:TAG) names in `reg`."""
+    repo, _, tag = ref.removeprefix(reg.host + "/").rpartition(":")
+    manifest = httpx.get(f"{reg.url}/v2/{repo}/manifests/{tag}",
+                         headers={"Accept": ALL_MANIFESTS}).json()
+    return [layer["digest"] for layer in manifest["layers"]]
+
+
+def assert_layers_mounted(reg: Registry, since: int, repo: str, source: str,
+                          layers: list[str]) -> None:
+    """Each layer went into `repo` by a cross-repository mount from `source`, never uploaded.
+    (The config may be uploaded: docker does not mount configs either.)"""
+    requests = [a for a in reg.accesses(since) if a.path.startswith(f"/v2/{repo}/blobs/uploads")]
+    shown = [f"{a.method} {a.path[:160]} {a.status}" for a in requests]
+    for digest in layers:
+        assert any(a.method == "POST" and f"mount={digest}" in a.path
+                   and f"from={source}" in a.path and a.status == 201
+                   for a in requests), f"{digest} not mounted from {source}: {shown}"
+        assert not any(a.method in ("PUT", "PATCH") and f"digest={digest}" in a.path
+                       for a in requests), f"{digest} uploaded: {shown}"
 
 
 @needs("push")
@@ -435,10 +510,7 @@ def test_push_again_uploads_nothing_and_another_repo_mounts(seeded: Seeded,
     assert any(a.method == "HEAD" and "/blobs/" in a.path for a in again), again
     mark = reg.log_mark()
     store.ok("push", second)
-    requests = uploads(reg, mark, "test/mnt-b")
-    assert not any(r.startswith(("PUT", "PATCH")) for r in requests), requests
-    assert any("mount=" in r and "from=test/mnt-a" in r for r in requests) or any(
-        a.method == "POST" and "mount=" in a.path for a in reg.accesses(mark)), requests
+    assert_layers_mounted(reg, mark, "test/mnt-b", "test/mnt-a", blob_digests(reg, first))
     local = store.inspect(second)
     response = httpx.get(f"{reg.url}/v2/test/mnt-b/manifests/1",
                          headers={"Accept": ALL_MANIFESTS})
@@ -454,8 +526,7 @@ def test_push_pulled_image_to_another_repo(seeded: Seeded, store: LayerfsStore) 
     store.ok("tag", reg.ref("library/busybox:musl"), target)
     mark = reg.log_mark()
     store.ok("push", target)
-    requests = uploads(reg, mark, "test/busybox-copy")
-    assert not any(r.startswith(("PUT", "PATCH")) for r in requests), requests
+    assert_layers_mounted(reg, mark, "test/busybox-copy", "library/busybox", [MUSL_LAYER])
     response = httpx.head(f"{reg.url}/v2/test/busybox-copy/manifests/1",
                           headers={"Accept": ALL_MANIFESTS})
     assert response.headers["Docker-Content-Digest"] == MUSL_MANIFEST
