@@ -212,14 +212,24 @@ class Registry:
     def ref(self, name: str) -> str:
         return f"{self.host}/{name}"
 
+    def sync(self) -> None:
+        """Wait until the access log shows a request sent now: the lines of requests that were
+        answered before it (the registry logs a request after answering it) are in by then."""
+        sentinel = f"/v2/?sync={secrets.token_hex(8)}"
+        httpx.get(self.url + sentinel, timeout=10)
+        wait_for(lambda: sentinel.encode() in self.log.read_bytes(), f"{sentinel} in the log")
+
     def log_mark(self) -> int:
         """A position in the access log; `accesses(since=mark)` lists what came after it."""
+        self.sync()
         return len(self.log.read_bytes())
 
     def accesses(self, since: int = 0) -> list[Access]:
+        """The requests logged since `since`, up to now (synced), sentinels left out."""
+        self.sync()
         text = self.log.read_bytes()[since:].decode(errors="replace")
         return [Access(m.group(1), urllib.parse.unquote(m.group(2)), int(m.group(3)))
-                for m in _ACCESS.finditer(text)]
+                for m in _ACCESS.finditer(text) if not m.group(2).startswith("/v2/?sync=")]
 
 
 def _registry_config(port: int, root: Path, auth: dict[str, Any] | None) -> dict[str, Any]:
@@ -252,7 +262,7 @@ def running_registry(base: Path, auth_kind: str = "none",
     for _attempt in range(3):  # a free port can be taken between probing and binding
         port = free_port()
         root = base / f"storage-{port}"
-        root.mkdir()
+        root.mkdir(exist_ok=True)
         config = base / f"config-{port}.yml"
         config.write_text(json.dumps(_registry_config(port, root, auth), indent=1))
         log = base / f"registry-{port}.log"
