@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests import treecmp
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
@@ -433,6 +435,22 @@ def is_mounted(mountpoint: Path) -> bool:
 
 
 # -- trees ----------------------------------------------------------------------------------------
+
+
+def assert_same_tree(expected_root: Path, actual_root: Path) -> None:
+    """Same paths, types, modes, owners, sizes, contents, symlink targets, devices, xattrs
+    (tests/treecmp.py), and the same hard-link groups."""
+    expected, actual = treecmp.snapshot(expected_root), treecmp.snapshot(actual_root)
+    problems = treecmp.diff(expected, actual)
+    assert not problems, "\n".join(problems)
+    assert hardlink_groups(expected_root) == hardlink_groups(actual_root)
+
+
+def chroot_echo(root: Path) -> None:
+    """The root runs a program: `chroot ROOT /bin/busybox echo hi`."""
+    result = subprocess.run(["chroot", str(root), "/bin/busybox", "echo", "hi"],
+                            capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (0, "hi\n"), result.stderr
 
 
 def hardlink_groups(root: Path) -> set[frozenset[str]]:

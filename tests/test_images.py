@@ -36,7 +36,7 @@ from tests.imagetools import (
     symlink,
     whiteout,
 )
-from tests.treecmp import diff, snapshot
+from tests.treecmp import snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -66,24 +66,11 @@ def busybox_tar(tmp_path: Path) -> Path:
     return it.busybox_tarball(work)
 
 
-def assert_same_tree(expected_root: Path, actual_root: Path) -> None:
-    expected, actual = snapshot(expected_root), snapshot(actual_root)
-    problems = diff(expected, actual)
-    assert not problems, "\n".join(problems)
-    assert it.hardlink_groups(expected_root) == it.hardlink_groups(actual_root)
-
-
 def table(text: str) -> tuple[list[str], list[list[str]]]:
     """A docker-style table: columns are separated by two spaces or more."""
     lines = text.splitlines()
     split = [re.split(r" {2,}", line.strip()) for line in lines]
     return split[0], split[1:]
-
-
-def chroot_echo(root: Path) -> None:
-    result = subprocess.run(["chroot", str(root), "/bin/busybox", "echo", "hi"],
-                            capture_output=True, text=True, timeout=30)
-    assert (result.returncode, result.stdout) == (0, "hi\n"), result.stderr
 
 
 # -- busybox root: import, and a peer's OCI image loaded three ways ------------------------------
@@ -104,9 +91,9 @@ def test_imported_busybox_root_mounts_as_umoci_unpacks_its_saved_image(
     it.run(["tar", "-C", str(layout), "-xf", str(saved)])
     oracle = it.umoci_unpack(layout, "imported", tmp_path / "bundle")
     with store.mounted("bb:imported", tmp_path / "mnt") as mnt:
-        assert_same_tree(oracle, mnt)
-        assert_same_tree(tmp_path / "bbsrc" / "busybox-rootfs", mnt)
-        chroot_echo(mnt)
+        it.assert_same_tree(oracle, mnt)
+        it.assert_same_tree(tmp_path / "bbsrc" / "busybox-rootfs", mnt)
+        it.chroot_echo(mnt)
 
 
 @pytest.fixture
@@ -137,8 +124,8 @@ def test_peer_made_busybox_image_loads_and_mounts_as_umoci_unpacks_it(
         assert doc["Manifest"]["Digest"] == manifest_digest
     oracle = it.umoci_unpack(layout, "t", tmp_path / "bundle")
     with store.mounted("bb:t", tmp_path / "mnt") as mnt:
-        assert_same_tree(oracle, mnt)
-        chroot_echo(mnt)
+        it.assert_same_tree(oracle, mnt)
+        it.chroot_echo(mnt)
 
 
 @pytest.mark.xfail(strict=True, reason="loading an image again through another manifest (a "
@@ -231,7 +218,7 @@ def test_three_layer_image_mounts_as_umoci_unpacks_it(store: Store, tmp_path: Pa
     assert store.layer_dirs() == {d.removeprefix("sha256:") for d in built.diff_ids}
     oracle = it.umoci_unpack(layout, "three", tmp_path / "bundle")
     with store.mounted("multi:three", tmp_path / "mnt") as mnt:
-        assert_same_tree(oracle, mnt)
+        it.assert_same_tree(oracle, mnt)
         # What the layers say, independently of umoci:
         assert sorted(os.listdir(mnt / "opq")) == ["fresh"]
         assert sorted(os.listdir(mnt / "deldir")) == ["new"]
@@ -261,7 +248,7 @@ def test_implied_parent_dir_keeps_the_lower_dirs_metadata(store: Store, tmp_path
     oracle = it.umoci_unpack(layout, "implied", tmp_path / "bundle")
     assert sorted(os.listdir(oracle / "home" / "user")) == ["new"]
     with store.mounted("implied:implied", tmp_path / "mnt") as mnt:
-        assert_same_tree(oracle, mnt)
+        it.assert_same_tree(oracle, mnt)
 
 
 # -- the official busybox images ----------------------------------------------------------------
@@ -287,8 +274,8 @@ def test_official_busybox_loads_with_its_ids_mounts_and_runs(
                                                           doc["Id"])
     oracle = it.umoci_unpack(layout, name, tmp_path / "bundle")
     with store.mounted(name, tmp_path / "mnt") as mnt:
-        chroot_echo(mnt)
-        assert_same_tree(oracle, mnt)
+        it.chroot_echo(mnt)
+        it.assert_same_tree(oracle, mnt)
 
 
 # -- sharing: one copy of a common base --------------------------------------------------------
@@ -325,7 +312,7 @@ def test_images_with_a_common_base_keep_one_copy_of_it(
         with store.mounted(f"shared:{tag}", tmp_path / f"mnt-{tag}") as mnt:
             assert sorted(os.listdir(mnt / "etc")) == sorted(
                 ["group", "group-", "group.lnk", "passwd", own.split("/")[1]])
-            chroot_echo(mnt)
+            it.chroot_echo(mnt)
 
 
 # -- save and load ------------------------------------------------------------------------------
@@ -422,7 +409,7 @@ def test_rmi_of_an_image_a_container_uses_needs_force(
     assert store.images_json() == []
     # The container still has its image's layers: it mounts again.
     with store.mounted("box", tmp_path / "mnt") as mnt:
-        chroot_echo(mnt)
+        it.chroot_echo(mnt)
     store.ok("rm", "box")
     store.ok("system", "prune")
     assert layer not in store.layer_dirs()
