@@ -187,6 +187,7 @@ def _run_group_safely(
     """Run one group; record a failure and go on, unless cleaning up after it failed too."""
     label = f"run {run_index + 1} {group.key:<10} {system.name:<14}"
     print(label, end=" ", flush=True)
+    results.note_load(group.key, system.name, run_index)
     try:
         scratch = run_dir / f"{group.key}-{system.name}-{run_index}"
         timings = _run_group(system, group, layers, scratch)
@@ -251,6 +252,7 @@ def _document(
         "timings": results.timings,
         "summary": results.summary(),
         "failures": results.failures,
+        "load_at_group_start": results.loads,
     }
 
 

@@ -25,6 +25,12 @@ class Results:
     labels: dict[str, str]  # workload key → row label, in row order
     timings: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     failures: list[dict[str, object]] = field(default_factory=list)
+    # The 1-minute load average as each group started: other work on the CPUs explains outliers.
+    loads: list[dict[str, object]] = field(default_factory=list)
+
+    def note_load(self, group: str, system: str, run_index: int) -> None:
+        load = float(Path("/proc/loadavg").read_text().split()[0])
+        self.loads.append({"group": group, "system": system, "run": run_index, "load1": load})
 
     def add(self, workload: str, system: str, seconds: float) -> None:
         self.timings.setdefault(workload, {}).setdefault(system, []).append(seconds)
@@ -62,6 +68,11 @@ def markdown(results: Results, title: str) -> str:
     lines += ["", "Min - max seconds.", "", *_table_head(["workload", *results.systems])]
     for key, label in results.labels.items():
         lines.append(_row([label, *(_range_cell(summary, key, s) for s in results.systems)]))
+    if results.loads:
+        loads = [float(str(entry["load1"])) for entry in results.loads]
+        lines += ["", f"1-minute load average as groups started: {min(loads):.1f} - "
+                      f"{max(loads):.1f} (median {statistics.median(loads):.1f}) "
+                      f"on {os.cpu_count()} CPUs."]
     if results.failures:
         lines += ["", "Failures:", ""]
         lines += [f"- {f['system']} / {f['group']} (run {f['run']}): {f['error']}"
@@ -86,7 +97,8 @@ def machine_facts(cache_dir: Path) -> dict[str, object]:
         ),
         "cache_dir": str(cache_dir),
         "cache_dir_filesystem": {"type": cache_fs.fs_type, "source": cache_fs.source,
-                                 "options": cache_fs.mount_options},
+                                 "options": cache_fs.mount_options,
+                                 "super_options": cache_fs.super_options},
         "cache_dir_ext4_journal": _ext4_journal(cache_fs.source),
         "page_cache_reclaim": _damon_pageout(),
         "python": platform.python_version(),

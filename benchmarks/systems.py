@@ -206,8 +206,8 @@ def _warm(path: Path) -> None:
 def _version_of(program: str) -> str:
     try:
         output = run([program, "--version"], capture=True, timeout=30)
-    except (CommandError, OSError) as exc:
-        return f"unknown ({exc})"
+    except (CommandError, OSError):
+        return "unknown (no --version; see machine.layerfs_git for ours)"
     # fuse-overlayfs prints its own version and those of libfuse and fusermount3: keep them all.
     return "; ".join(line.strip() for line in output.splitlines() if line.strip()) or "unknown"
 
