@@ -973,8 +973,8 @@ def seeded(registry: Registry, skopeo_tool: Skopeo, registry_base: Path) -> Seed
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> LayerfsStore:
-    """A fresh layerfs store with a fresh HOME."""
+def client(tmp_path: Path) -> LayerfsStore:
+    """`layerfs` on a fresh store with a fresh HOME: the registry client under test."""
     home = tmp_path / "home"
     home.mkdir()
     return LayerfsStore(tmp_path / "store", home)

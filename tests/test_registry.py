@@ -215,66 +215,66 @@ def blob_gets(reg: Registry, since: int) -> list[str]:
 
 @needs("pull")
 def test_pull_by_tag_gives_the_same_digest_and_image_id(seeded: Seeded,
-                                                        store: LayerfsStore) -> None:
+                                                        client: LayerfsStore) -> None:
     ref = seeded.registry.ref("library/busybox:musl")
-    out = store.ok("pull", ref)
+    out = client.ok("pull", ref)
     lines = pull_lines(out)
     assert f"{short(MUSL_LAYER)}: Pull complete" in lines, out
     assert f"Digest: {MUSL_MANIFEST}" in lines, out
     assert f"Status: Downloaded newer image for {ref}" in lines, out
-    info = store.inspect(ref)
+    info = client.inspect(ref)
     assert info["Id"] == MUSL_CONFIG
     assert info["Manifest"]["Digest"] == MUSL_MANIFEST
     assert info["Manifest"]["MediaType"] == OCI_MANIFEST
-    assert (store.root / "blobs" / "sha256" / MUSL_LAYER[7:]).is_file()
+    assert (client.root / "blobs" / "sha256" / MUSL_LAYER[7:]).is_file()
 
 
 @needs("pull")
-def test_pull_by_digest(seeded: Seeded, store: LayerfsStore) -> None:
+def test_pull_by_digest(seeded: Seeded, client: LayerfsStore) -> None:
     ref = seeded.registry.ref(f"library/busybox@{MUSL_MANIFEST}")
-    out = store.ok("pull", ref)
+    out = client.ok("pull", ref)
     assert f"Digest: {MUSL_MANIFEST}" in pull_lines(out), out
-    assert store.inspect(ref)["Id"] == MUSL_CONFIG
+    assert client.inspect(ref)["Id"] == MUSL_CONFIG
 
 
 @needs("pull")
 def test_second_pull_is_up_to_date_and_downloads_nothing(seeded: Seeded,
-                                                         store: LayerfsStore) -> None:
+                                                         client: LayerfsStore) -> None:
     ref = seeded.registry.ref("library/busybox:glibc")
-    store.ok("pull", ref)
-    before = store.snapshot()
+    client.ok("pull", ref)
+    before = client.snapshot()
     mark = seeded.registry.log_mark()
-    out = store.ok("pull", ref)
+    out = client.ok("pull", ref)
     lines = pull_lines(out)
     assert f"Status: Image is up to date for {ref}" in lines, out
     assert f"Digest: {GLIBC_MANIFEST}" in lines, out
     assert not any("Pull complete" in line for line in lines), out
     assert blob_gets(seeded.registry, mark) == []
-    assert store.snapshot().blobs == before.blobs
-    assert store.inspect(ref)["Id"] == GLIBC_CONFIG
+    assert client.snapshot().blobs == before.blobs
+    assert client.inspect(ref)["Id"] == GLIBC_CONFIG
 
 
 @needs("pull")
-def test_shared_layers_already_exist(seeded: Seeded, store: LayerfsStore) -> None:
-    store.ok("pull", seeded.registry.ref("library/busybox:musl"))
+def test_shared_layers_already_exist(seeded: Seeded, client: LayerfsStore) -> None:
+    client.ok("pull", seeded.registry.ref("library/busybox:musl"))
     mark = seeded.registry.log_mark()
-    out = store.ok("pull", seeded.registry.ref("test/stacked:1"))
+    out = client.ok("pull", seeded.registry.ref("test/stacked:1"))
     lines = pull_lines(out)
     assert f"{short(MUSL_LAYER)}: Already exists" in lines, out
     assert f"{short(seeded.stacked_top_layer)}: Pull complete" in lines, out
     assert f"Digest: {seeded.stacked_manifest}" in lines, out
     assert not any(MUSL_LAYER in path for path in blob_gets(seeded.registry, mark))
-    assert len(list((store.root / "layers").iterdir())) == 2
+    assert len(list((client.root / "layers").iterdir())) == 2
 
 
 @needs("pull")
-def test_index_gives_the_host_platform(seeded: Seeded, store: LayerfsStore) -> None:
+def test_index_gives_the_host_platform(seeded: Seeded, client: LayerfsStore) -> None:
     ref = seeded.registry.ref("test/multi:latest")
-    out = store.ok("pull", ref)
+    out = client.ok("pull", ref)
     expected = {"amd64": MUSL_CONFIG, "arm64": GLIBC_CONFIG}.get(host_arch())
     if expected is None:
         pytest.skip(f"no image for this host's platform ({host_arch()}) in the index")
-    info = store.inspect(ref)
+    info = client.inspect(ref)
     assert info["Id"] == expected
     # docker prints, and records as the repo digest, the digest the tag names: the index's
     assert f"Digest: {seeded.index_digest}" in pull_lines(out), out
@@ -282,111 +282,111 @@ def test_index_gives_the_host_platform(seeded: Seeded, store: LayerfsStore) -> N
 
 
 @needs("pull")
-def test_index_by_digest(seeded: Seeded, store: LayerfsStore) -> None:
+def test_index_by_digest(seeded: Seeded, client: LayerfsStore) -> None:
     ref = seeded.registry.ref(f"test/multi@{seeded.index_digest}")
-    store.ok("pull", "--platform", "linux/arm64", ref)
-    assert store.inspect(ref)["Id"] == GLIBC_CONFIG
+    client.ok("pull", "--platform", "linux/arm64", ref)
+    assert client.inspect(ref)["Id"] == GLIBC_CONFIG
 
 
 @needs("pull")
-def test_index_platform_option_picks_the_other(seeded: Seeded, store: LayerfsStore) -> None:
+def test_index_platform_option_picks_the_other(seeded: Seeded, client: LayerfsStore) -> None:
     ref = seeded.registry.ref("test/multi:latest")
-    store.ok("pull", "--platform", "linux/arm64", ref)
-    assert store.inspect(ref)["Id"] == GLIBC_CONFIG
-    store.ok("pull", "--platform", "linux/amd64", ref)
-    assert store.inspect(ref)["Id"] == MUSL_CONFIG
+    client.ok("pull", "--platform", "linux/arm64", ref)
+    assert client.inspect(ref)["Id"] == GLIBC_CONFIG
+    client.ok("pull", "--platform", "linux/amd64", ref)
+    assert client.inspect(ref)["Id"] == MUSL_CONFIG
 
 
 @needs("pull")
 def test_index_without_the_platform_is_a_clear_error(seeded: Seeded,
-                                                     store: LayerfsStore) -> None:
+                                                     client: LayerfsStore) -> None:
     ref = seeded.registry.ref("test/multi:latest")
-    before = store.snapshot()
-    line = store.fails("pull", "--platform", "linux/s390x", ref)
+    before = client.snapshot()
+    line = client.fails("pull", "--platform", "linux/s390x", ref)
     assert "test/multi" in line
     assert "linux/s390x" in line
-    store.assert_unchanged(before)
+    client.assert_unchanged(before)
 
 
 @needs("pull")
-def test_docker_schema2_manifest(seeded: Seeded, store: LayerfsStore) -> None:
+def test_docker_schema2_manifest(seeded: Seeded, client: LayerfsStore) -> None:
     ref = seeded.registry.ref("test/busybox-v2s2:musl")
-    out = store.ok("pull", ref)
+    out = client.ok("pull", ref)
     assert f"Digest: {seeded.v2s2_manifest}" in pull_lines(out), out
-    info = store.inspect(ref)
+    info = client.inspect(ref)
     assert info["Id"] == MUSL_CONFIG
     assert info["Manifest"]["MediaType"] == DOCKER_MANIFEST
     assert info["Manifest"]["Digest"] == seeded.v2s2_manifest
     # and the OCI one next to it shares the layer
-    out = store.ok("pull", seeded.registry.ref("library/busybox:musl"))
+    out = client.ok("pull", seeded.registry.ref("library/busybox:musl"))
     assert f"{short(MUSL_LAYER)}: Already exists" in pull_lines(out) or \
         "Image is up to date" in out, out
 
 
 @needs("pull")
-def test_missing_tag_is_a_404_error(seeded: Seeded, store: LayerfsStore) -> None:
+def test_missing_tag_is_a_404_error(seeded: Seeded, client: LayerfsStore) -> None:
     ref = seeded.registry.ref("library/busybox:no-such-tag")
-    before = store.snapshot()
-    line = store.fails("pull", ref)
+    before = client.snapshot()
+    line = client.fails("pull", ref)
     assert "library/busybox" in line and "no-such-tag" in line, line
     assert any(word in line.lower() for word in ("not found", "unknown", "404")), line
-    store.assert_unchanged(before)
+    client.assert_unchanged(before)
 
 
 @needs("pull")
-def test_registry_down(store: LayerfsStore) -> None:
+def test_registry_down(client: LayerfsStore) -> None:
     ref = f"127.0.0.1:{free_port()}/library/busybox:musl"
-    before = store.snapshot()
-    line = store.fails("pull", ref, timeout=60)
+    before = client.snapshot()
+    line = client.fails("pull", ref, timeout=60)
     assert "library/busybox" in line, line
-    store.assert_unchanged(before)
+    client.assert_unchanged(before)
 
 
 @needs("pull")
-def test_pull_all_tags(seeded: Seeded, store: LayerfsStore) -> None:
-    store.ok("pull", "-a", seeded.registry.ref("library/busybox"))
-    assert store.inspect(seeded.registry.ref("library/busybox:musl"))["Id"] == MUSL_CONFIG
-    assert store.inspect(seeded.registry.ref("library/busybox:glibc"))["Id"] == GLIBC_CONFIG
+def test_pull_all_tags(seeded: Seeded, client: LayerfsStore) -> None:
+    client.ok("pull", "-a", seeded.registry.ref("library/busybox"))
+    assert client.inspect(seeded.registry.ref("library/busybox:musl"))["Id"] == MUSL_CONFIG
+    assert client.inspect(seeded.registry.ref("library/busybox:glibc"))["Id"] == GLIBC_CONFIG
 
 
 @needs("push")
-def test_push_errors(seeded: Seeded, store: LayerfsStore, tmp_path: Path) -> None:
+def test_push_errors(seeded: Seeded, client: LayerfsStore, tmp_path: Path) -> None:
     missing = seeded.registry.ref("test/never-made:1")
-    line = store.fails("push", missing)
+    line = client.fails("push", missing)
     assert "test/never-made" in line, line
-    store.ok("import", str(rootfs_tarball(tmp_path / "root.tar", b"x\n")), "test/down:1")
+    client.ok("import", str(rootfs_tarball(tmp_path / "root.tar", b"x\n")), "test/down:1")
     down = f"127.0.0.1:{free_port()}/test/down:1"
-    store.ok("tag", "test/down:1", down)
-    before = store.snapshot()
-    line = store.fails("push", down, timeout=60)
+    client.ok("tag", "test/down:1", down)
+    before = client.snapshot()
+    line = client.fails("push", down, timeout=60)
     assert "test/down" in line, line
-    store.assert_unchanged(before)
+    client.assert_unchanged(before)
 
 
 @needs("pull")
-def test_concurrent_pulls_share_one_layer(seeded: Seeded, store: LayerfsStore) -> None:
+def test_concurrent_pulls_share_one_layer(seeded: Seeded, client: LayerfsStore) -> None:
     ref = seeded.registry.ref("test/stacked:1")
-    argv = [str(LAYERFS), "--root", str(store.root), "pull", ref]
+    argv = [str(LAYERFS), "--root", str(client.root), "pull", ref]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=store.env) for _ in range(2)]
+                              env=client.env) for _ in range(2)]
     results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     for code, _out, err in results:
         assert code == 0, err
-    assert store.inspect(ref)["Config"] is not None
-    assert len(list((store.root / "layers").iterdir())) == 2
-    assert not store.snapshot().tmp
+    assert client.inspect(ref)["Config"] is not None
+    assert len(list((client.root / "layers").iterdir())) == 2
+    assert not client.snapshot().tmp
 
 
 @needs("search")
-def test_search_limit(seeded: Seeded, store: LayerfsStore) -> None:
-    out = store.ok("search", "--limit", "1", seeded.registry.ref("busy"))
+def test_search_limit(seeded: Seeded, client: LayerfsStore) -> None:
+    out = client.ok("search", "--limit", "1", seeded.registry.ref("busy"))
     rows = [line for line in out.splitlines()[1:] if line.strip()]
     assert len(rows) == 1, out
 
 
 @needs("search")
-def test_search_lists_the_catalog(seeded: Seeded, store: LayerfsStore) -> None:
-    out = store.ok("search", seeded.registry.ref("busy"))
+def test_search_lists_the_catalog(seeded: Seeded, client: LayerfsStore) -> None:
+    out = client.ok("search", seeded.registry.ref("busy"))
     lines = out.splitlines()
     assert lines and lines[0].split()[:2] == ["NAME", "DESCRIPTION"], out
     names = [line.split()[0] for line in lines[1:] if line.strip()]
@@ -396,19 +396,19 @@ def test_search_lists_the_catalog(seeded: Seeded, store: LayerfsStore) -> None:
 
 
 @needs("pull", "umount")
-def test_mount_pulls_a_missing_image(seeded: Seeded, store: LayerfsStore, tmp_path: Path) -> None:
+def test_mount_pulls_a_missing_image(seeded: Seeded, client: LayerfsStore, tmp_path: Path) -> None:
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")
     ref = seeded.registry.ref("library/busybox:musl")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     try:
-        store.ok("mount", ref, str(mnt))
+        client.ok("mount", ref, str(mnt))
         assert (mnt / "bin" / "busybox").is_file()
-        assert store.inspect(ref)["Id"] == MUSL_CONFIG
+        assert client.inspect(ref)["Id"] == MUSL_CONFIG
     finally:
         if os.path.ismount(mnt):
-            result = store.run("umount", str(mnt))
+            result = client.run("umount", str(mnt))
             if result.returncode != 0:
                 subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
             assert result.returncode == 0, result.stderr
@@ -459,16 +459,16 @@ def assert_layers_mounted(reg: Registry, since: int, repo: str, source: str,
 
 
 @needs("push")
-def test_skopeo_pulls_what_layerfs_pushed(seeded: Seeded, store: LayerfsStore,
+def test_skopeo_pulls_what_layerfs_pushed(seeded: Seeded, client: LayerfsStore,
                                           skopeo_tool: Skopeo, tmp_path: Path) -> None:
     reg = seeded.registry
     marker = f"pushed by layerfs {tmp_path.name}\n".encode()
-    store.ok("import", str(rootfs_tarball(tmp_path / "root.tar", marker)), "test/img:1")
+    client.ok("import", str(rootfs_tarball(tmp_path / "root.tar", marker)), "test/img:1")
     ref = reg.ref("test/img:1")
-    store.ok("tag", "test/img:1", ref)
-    local = store.inspect(ref)
+    client.ok("tag", "test/img:1", ref)
+    local = client.inspect(ref)
     mark = reg.log_mark()
-    store.ok("push", ref)
+    client.ok("push", ref)
     assert uploads(reg, mark, "test/img"), "no blob was uploaded"
     assert reg.accesses(mark)[-1].method == "PUT" or any(
         a.method == "PUT" and "/manifests/" in a.path for a in reg.accesses(mark))
@@ -487,45 +487,45 @@ def test_skopeo_pulls_what_layerfs_pushed(seeded: Seeded, store: LayerfsStore,
     assert (bundle / "rootfs" / "etc" / "marker").read_bytes() == marker
     assert (bundle / "rootfs" / "bin" / "hello").stat().st_mode & 0o777 == 0o755
     # a fresh store pulls it back to the same image
-    other = LayerfsStore(tmp_path / "store2", store.home)
+    other = LayerfsStore(tmp_path / "store2", client.home)
     other.ok("pull", ref)
     assert other.inspect(ref)["Id"] == local["Id"]
 
 
 @needs("push")
 def test_push_again_uploads_nothing_and_another_repo_mounts(seeded: Seeded,
-                                                            store: LayerfsStore,
+                                                            client: LayerfsStore,
                                                             tmp_path: Path) -> None:
     reg = seeded.registry
     marker = f"mount test {tmp_path.name}\n".encode()
-    store.ok("import", str(rootfs_tarball(tmp_path / "root.tar", marker)), "test/mnt-a:1")
+    client.ok("import", str(rootfs_tarball(tmp_path / "root.tar", marker)), "test/mnt-a:1")
     first, second = reg.ref("test/mnt-a:1"), reg.ref("test/mnt-b:1")
-    store.ok("tag", "test/mnt-a:1", first)
-    store.ok("tag", "test/mnt-a:1", second)
-    store.ok("push", first)
+    client.ok("tag", "test/mnt-a:1", first)
+    client.ok("tag", "test/mnt-a:1", second)
+    client.ok("push", first)
     mark = reg.log_mark()
-    store.ok("push", first)
+    client.ok("push", first)
     again = reg.accesses(mark)
     assert uploads(reg, mark, "test/mnt-a") == [], again
     assert any(a.method == "HEAD" and "/blobs/" in a.path for a in again), again
     mark = reg.log_mark()
-    store.ok("push", second)
+    client.ok("push", second)
     assert_layers_mounted(reg, mark, "test/mnt-b", "test/mnt-a", blob_digests(reg, first))
-    local = store.inspect(second)
+    local = client.inspect(second)
     response = httpx.get(f"{reg.url}/v2/test/mnt-b/manifests/1",
                          headers={"Accept": ALL_MANIFESTS})
     assert response.headers["Docker-Content-Digest"] == local["Manifest"]["Digest"]
 
 
 @needs("push")
-def test_push_pulled_image_to_another_repo(seeded: Seeded, store: LayerfsStore) -> None:
+def test_push_pulled_image_to_another_repo(seeded: Seeded, client: LayerfsStore) -> None:
     """The official busybox, pulled then pushed under another name, keeps its manifest bytes."""
     reg = seeded.registry
-    store.ok("pull", reg.ref("library/busybox:musl"))
+    client.ok("pull", reg.ref("library/busybox:musl"))
     target = reg.ref("test/busybox-copy:1")
-    store.ok("tag", reg.ref("library/busybox:musl"), target)
+    client.ok("tag", reg.ref("library/busybox:musl"), target)
     mark = reg.log_mark()
-    store.ok("push", target)
+    client.ok("push", target)
     assert_layers_mounted(reg, mark, "test/busybox-copy", "library/busybox", [MUSL_LAYER])
     response = httpx.head(f"{reg.url}/v2/test/busybox-copy/manifests/1",
                           headers={"Accept": ALL_MANIFESTS})
@@ -542,8 +542,8 @@ def basic_seeded(basic_registry: Registry, skopeo_tool: Skopeo) -> Registry:
     return basic_registry
 
 
-def auth_entries(store: LayerfsStore) -> dict[str, object]:
-    path = store.root / "auth.json"
+def auth_entries(client: LayerfsStore) -> dict[str, object]:
+    path = client.root / "auth.json"
     if not path.exists():
         return {}
     doc = json.loads(path.read_text())
@@ -553,54 +553,54 @@ def auth_entries(store: LayerfsStore) -> dict[str, object]:
 
 
 @needs("pull", "login", "logout")
-def test_basic_auth_login_pull_push_logout(basic_seeded: Registry, store: LayerfsStore) -> None:
+def test_basic_auth_login_pull_push_logout(basic_seeded: Registry, client: LayerfsStore) -> None:
     reg = basic_seeded
     ref = reg.ref("library/busybox:musl")
-    before = store.snapshot()
-    line = store.fails("pull", ref)
+    before = client.snapshot()
+    line = client.fails("pull", ref)
     assert "library/busybox" in line, line
-    store.assert_unchanged(before)
-    store.ok("login", "-u", USER, "-p", PASSWORD, reg.host)
-    assert any(reg.host in key for key in auth_entries(store)), auth_entries(store)
-    assert (store.root / "auth.json").stat().st_mode & 0o077 == 0
-    store.ok("pull", ref)
-    assert store.inspect(ref)["Id"] == MUSL_CONFIG
+    client.assert_unchanged(before)
+    client.ok("login", "-u", USER, "-p", PASSWORD, reg.host)
+    assert any(reg.host in key for key in auth_entries(client)), auth_entries(client)
+    assert (client.root / "auth.json").stat().st_mode & 0o077 == 0
+    client.ok("pull", ref)
+    assert client.inspect(ref)["Id"] == MUSL_CONFIG
     target = reg.ref("test/pushed:1")
-    store.ok("tag", ref, target)
-    store.ok("push", target)
+    client.ok("tag", ref, target)
+    client.ok("push", target)
     response = httpx.get(f"{reg.url}/v2/test/pushed/manifests/1", auth=(USER, PASSWORD),
                          headers={"Accept": ALL_MANIFESTS})
     assert response.headers["Docker-Content-Digest"] == MUSL_MANIFEST
-    store.ok("logout", reg.host)
-    assert not any(reg.host in key for key in auth_entries(store))
-    store.ok("rmi", ref)
-    line = store.fails("pull", ref)
+    client.ok("logout", reg.host)
+    assert not any(reg.host in key for key in auth_entries(client))
+    client.ok("rmi", ref)
+    line = client.fails("pull", ref)
     assert "library/busybox" in line, line
 
 
 @needs("login")
-def test_basic_auth_wrong_password(basic_seeded: Registry, store: LayerfsStore) -> None:
-    line = store.fails("login", "-u", USER, "-p", "wrong", basic_seeded.host)
+def test_basic_auth_wrong_password(basic_seeded: Registry, client: LayerfsStore) -> None:
+    line = client.fails("login", "-u", USER, "-p", "wrong", basic_seeded.host)
     assert basic_seeded.host in line, line
-    assert auth_entries(store) == {}
+    assert auth_entries(client) == {}
 
 
 @needs("login")
-def test_login_password_stdin(basic_seeded: Registry, store: LayerfsStore) -> None:
-    store.ok("login", "-u", USER, "--password-stdin", basic_seeded.host, input=PASSWORD + "\n")
-    assert any(basic_seeded.host in key for key in auth_entries(store))
+def test_login_password_stdin(basic_seeded: Registry, client: LayerfsStore) -> None:
+    client.ok("login", "-u", USER, "--password-stdin", basic_seeded.host, input=PASSWORD + "\n")
+    assert any(basic_seeded.host in key for key in auth_entries(client))
 
 
 @needs("pull")
-def test_basic_auth_from_docker_config(basic_seeded: Registry, store: LayerfsStore) -> None:
-    docker = store.home / ".docker"
+def test_basic_auth_from_docker_config(basic_seeded: Registry, client: LayerfsStore) -> None:
+    docker = client.home / ".docker"
     docker.mkdir()
     auth = base64.b64encode(CREDS.encode()).decode()
     (docker / "config.json").write_text(json.dumps(
         {"auths": {basic_seeded.host: {"auth": auth}}}))
     ref = basic_seeded.ref("library/busybox:musl")
-    store.ok("pull", ref)
-    assert store.inspect(ref)["Id"] == MUSL_CONFIG
+    client.ok("pull", ref)
+    assert client.inspect(ref)["Id"] == MUSL_CONFIG
 
 
 # -- token auth -----------------------------------------------------------------------------------
@@ -616,19 +616,19 @@ def token_seeded(token_registry: Registry, skopeo_tool: Skopeo) -> Registry:
 
 @needs("pull", "login")
 def test_token_auth_pull_and_push(token_seeded: Registry, token_issuer: TokenIssuer,
-                                  store: LayerfsStore) -> None:
+                                  client: LayerfsStore) -> None:
     reg = token_seeded
-    store.ok("login", "-u", USER, "-p", PASSWORD, reg.host)
+    client.ok("login", "-u", USER, "-p", PASSWORD, reg.host)
     asked = len(token_issuer.requests)
     ref = reg.ref("library/busybox:musl")
-    store.ok("pull", ref)
-    assert store.inspect(ref)["Id"] == MUSL_CONFIG
+    client.ok("pull", ref)
+    assert client.inspect(ref)["Id"] == MUSL_CONFIG
     issued = token_issuer.requests[asked:]
     assert any(r.user == USER and r.status == 200 and
                any(g["name"] == "library/busybox" for g in r.granted) for r in issued), issued
     target = reg.ref("team/busybox:1")
-    store.ok("tag", ref, target)
-    store.ok("push", target)
+    client.ok("tag", ref, target)
+    client.ok("push", target)
     good = token_issuer.sign(USER, [{"type": "repository", "name": "team/busybox",
                                      "actions": ["pull"]}])
     response = httpx.head(f"{reg.url}/v2/team/busybox/manifests/1",
@@ -640,29 +640,29 @@ def test_token_auth_pull_and_push(token_seeded: Registry, token_issuer: TokenIss
 
 
 @needs("pull")
-def test_token_auth_anonymous_public_pull(token_seeded: Registry, store: LayerfsStore) -> None:
+def test_token_auth_anonymous_public_pull(token_seeded: Registry, client: LayerfsStore) -> None:
     ref = token_seeded.ref("public/busybox:glibc")
-    store.ok("pull", ref)
-    assert store.inspect(ref)["Id"] == GLIBC_CONFIG
+    client.ok("pull", ref)
+    assert client.inspect(ref)["Id"] == GLIBC_CONFIG
 
 
 @needs("pull")
 def test_token_auth_private_repo_without_credentials(token_seeded: Registry,
-                                                     store: LayerfsStore) -> None:
+                                                     client: LayerfsStore) -> None:
     ref = token_seeded.ref("library/busybox:musl")
-    before = store.snapshot()
-    line = store.fails("pull", ref)
+    before = client.snapshot()
+    line = client.fails("pull", ref)
     assert "library/busybox" in line, line
     assert any(word in line.lower() for word in
                ("unauthorized", "authentication", "401", "denied", "credentials")), line
-    store.assert_unchanged(before)
+    client.assert_unchanged(before)
 
 
 @needs("login")
-def test_token_auth_wrong_password(token_seeded: Registry, store: LayerfsStore) -> None:
-    line = store.fails("login", "-u", USER, "-p", "wrong", token_seeded.host)
+def test_token_auth_wrong_password(token_seeded: Registry, client: LayerfsStore) -> None:
+    line = client.fails("login", "-u", USER, "-p", "wrong", token_seeded.host)
     assert token_seeded.host in line, line
-    assert auth_entries(store) == {}
+    assert auth_entries(client) == {}
 
 
 # -- faults: a registry that lies, cuts, throttles ------------------------------------------------
@@ -673,42 +673,42 @@ def fake_image() -> FakeImage:
     return make_fake_image()
 
 
-def assert_pull_fails(store: LayerfsStore, ref: str, repo: str, *words: str) -> str:
-    before = store.snapshot()
-    line = store.fails("pull", ref, timeout=90)
+def assert_pull_fails(client: LayerfsStore, ref: str, repo: str, *words: str) -> str:
+    before = client.snapshot()
+    line = client.fails("pull", ref, timeout=90)
     assert repo in line, f"the error does not name {repo}: {line}"
     if words:
         assert any(w in line.lower() for w in words), f"expected one of {words}: {line}"
-    store.assert_unchanged(before)
+    client.assert_unchanged(before)
     return line
 
 
 @needs("pull")
 def test_fake_layer_bytes_do_not_match_the_digest(fake_registry: FakeRegistry,
                                                   fake_image: FakeImage,
-                                                  store: LayerfsStore) -> None:
+                                                  client: LayerfsStore) -> None:
     fake_registry.serve_image("fault/lies", "1", fake_image)
     layer = bytearray(fake_image.layer)
     layer[len(layer) // 2] ^= 0xFF  # same size, other bytes
     fake_registry.route(f"/v2/fault/lies/blobs/{fake_image.layer_digest}",
                         FakeRegistry.blob(bytes(layer)))
-    assert_pull_fails(store, fake_registry.ref("fault/lies:1"), "fault/lies", "digest")
+    assert_pull_fails(client, fake_registry.ref("fault/lies:1"), "fault/lies", "digest")
 
 
 @needs("pull")
 def test_fake_config_does_not_match_the_digest(fake_registry: FakeRegistry,
                                                fake_image: FakeImage,
-                                               store: LayerfsStore) -> None:
+                                               client: LayerfsStore) -> None:
     fake_registry.serve_image("fault/config", "1", fake_image)
     fake_registry.route(f"/v2/fault/config/blobs/{fake_image.config_digest}",
                         FakeRegistry.blob(fake_image.config.replace(b"amd64", b"arm64")))
-    assert_pull_fails(store, fake_registry.ref("fault/config:1"), "fault/config", "digest")
+    assert_pull_fails(client, fake_registry.ref("fault/config:1"), "fault/config", "digest")
 
 
 @needs("pull")
 def test_fake_manifest_does_not_match_the_pinned_digest(fake_registry: FakeRegistry,
                                                         fake_image: FakeImage,
-                                                        store: LayerfsStore) -> None:
+                                                        client: LayerfsStore) -> None:
     fake_registry.serve_image("fault/manifest", "1", fake_image)
     lie = fake_image.manifest + b"\n"
     fake_registry.route(f"/v2/fault/manifest/manifests/{fake_image.manifest_digest}",
@@ -716,47 +716,47 @@ def test_fake_manifest_does_not_match_the_pinned_digest(fake_registry: FakeRegis
                                                  ("Docker-Content-Digest",
                                                   fake_image.manifest_digest))))
     ref = fake_registry.ref(f"fault/manifest@{fake_image.manifest_digest}")
-    assert_pull_fails(store, ref, "fault/manifest", "digest")
+    assert_pull_fails(client, ref, "fault/manifest", "digest")
 
 
 @needs("pull")
 def test_fake_truncated_layer(fake_registry: FakeRegistry, fake_image: FakeImage,
-                              store: LayerfsStore) -> None:
+                              client: LayerfsStore) -> None:
     fake_registry.serve_image("fault/short", "1", fake_image)
     path = f"/v2/fault/short/blobs/{fake_image.layer_digest}"
     fake_registry.route(path, FakeRegistry.blob(fake_image.layer,
                                                 send_only=len(fake_image.layer) // 3,
                                                 ranges=False))
-    assert_pull_fails(store, fake_registry.ref("fault/short:1"), "fault/short")
+    assert_pull_fails(client, fake_registry.ref("fault/short:1"), "fault/short")
     assert len(fake_registry.requests_for(path, "GET")) < 20, "retried without end"
 
 
 @needs("pull")
 def test_fake_connection_reset_mid_layer(fake_registry: FakeRegistry, fake_image: FakeImage,
-                                         store: LayerfsStore) -> None:
+                                         client: LayerfsStore) -> None:
     fake_registry.serve_image("fault/reset", "1", fake_image)
     path = f"/v2/fault/reset/blobs/{fake_image.layer_digest}"
     fake_registry.route(path, FakeRegistry.blob(fake_image.layer,
                                                 send_only=len(fake_image.layer) // 2,
                                                 reset=True, ranges=False))
-    assert_pull_fails(store, fake_registry.ref("fault/reset:1"), "fault/reset")
+    assert_pull_fails(client, fake_registry.ref("fault/reset:1"), "fault/reset")
 
 
 @needs("pull")
 def test_fake_unknown_manifest_media_type(fake_registry: FakeRegistry, fake_image: FakeImage,
-                                          store: LayerfsStore) -> None:
+                                          client: LayerfsStore) -> None:
     weird = "application/vnd.example.unknown.v1+json"
     body = fake_image.manifest.replace(OCI_MANIFEST.encode(), weird.encode())
     fake_registry.route("/v2/fault/weird/manifests/1", Reply(body=body, headers=(
         ("Content-Type", weird), ("Docker-Content-Digest", sha256(body)))))
-    line = assert_pull_fails(store, fake_registry.ref("fault/weird:1"), "fault/weird")
+    line = assert_pull_fails(client, fake_registry.ref("fault/weird:1"), "fault/weird")
     assert weird in line or "media type" in line.lower(), line
 
 
 @needs("pull")
 def test_fake_429_with_retry_after_is_retried(fake_registry: FakeRegistry,
                                               fake_image: FakeImage,
-                                              store: LayerfsStore) -> None:
+                                              client: LayerfsStore) -> None:
     fake_registry.serve_image("fault/busy", "1", fake_image)
     path = "/v2/fault/busy/manifests/1"
     ok = Reply(body=fake_image.manifest, headers=(
@@ -765,48 +765,48 @@ def test_fake_429_with_retry_after_is_retried(fake_registry: FakeRegistry,
         ("Content-Type", "application/json"), ("Retry-After", "1")))
     fake_registry.route(path, throttled, ok)
     ref = fake_registry.ref("fault/busy:1")
-    store.ok("pull", ref, timeout=60)
+    client.ok("pull", ref, timeout=60)
     assert len(fake_registry.requests_for(path)) >= 2
-    assert store.inspect(ref)["Id"] == fake_image.config_digest
+    assert client.inspect(ref)["Id"] == fake_image.config_digest
 
 
 @needs("pull")
 def test_fake_500_twice_then_success(fake_registry: FakeRegistry, fake_image: FakeImage,
-                                     store: LayerfsStore) -> None:
+                                     client: LayerfsStore) -> None:
     fake_registry.serve_image("fault/flaky", "1", fake_image)
     path = f"/v2/fault/flaky/blobs/{fake_image.layer_digest}"
     failing = Reply(500, error_body("UNKNOWN", "internal error"),
                     (("Content-Type", "application/json"),))
     fake_registry.route(path, failing, failing, FakeRegistry.blob(fake_image.layer))
     ref = fake_registry.ref("fault/flaky:1")
-    store.ok("pull", ref, timeout=60)
+    client.ok("pull", ref, timeout=60)
     assert len(fake_registry.requests_for(path, "GET")) >= 3
-    assert store.inspect(ref)["Id"] == fake_image.config_digest
+    assert client.inspect(ref)["Id"] == fake_image.config_digest
 
 
 @needs("pull")
 def test_fake_toomanyrequests_is_a_clear_error(fake_registry: FakeRegistry,
                                                fake_image: FakeImage,
-                                               store: LayerfsStore) -> None:
+                                               client: LayerfsStore) -> None:
     fake_registry.route("/v2/fault/limit/manifests/1", Reply(429, error_body(
         "TOOMANYREQUESTS", "You have reached your pull rate limit."),
         (("Content-Type", "application/json"),)))
-    assert_pull_fails(store, fake_registry.ref("fault/limit:1"), "fault/limit",
+    assert_pull_fails(client, fake_registry.ref("fault/limit:1"), "fault/limit",
                       "toomanyrequests", "too many requests", "rate limit")
 
 
 @needs("pull")
 def test_fake_cut_layer_is_resumed_with_range(fake_registry: FakeRegistry,
                                               fake_image: FakeImage,
-                                              store: LayerfsStore) -> None:
+                                              client: LayerfsStore) -> None:
     fake_registry.serve_image("fault/resume", "1", fake_image)
     path = f"/v2/fault/resume/blobs/{fake_image.layer_digest}"
     half = len(fake_image.layer) // 2
     fake_registry.route(path, FakeRegistry.blob(fake_image.layer, send_only=half),
                         FakeRegistry.blob(fake_image.layer))
     ref = fake_registry.ref("fault/resume:1")
-    store.ok("pull", ref, timeout=60)
-    assert store.inspect(ref)["Id"] == fake_image.config_digest
+    client.ok("pull", ref, timeout=60)
+    assert client.inspect(ref)["Id"] == fake_image.config_digest
     ranges = [r.headers.get("range", "") for r in fake_registry.requests_for(path, "GET")]
     resumed = [r for r in ranges if r.startswith("bytes=") and r != "bytes=0-"]
     assert resumed, f"no Range request after the cut: {ranges}"
