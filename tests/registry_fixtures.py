@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -524,15 +525,11 @@ class FakeImage:
 def make_fake_image(payload_size: int = 64 * 1024, seed: bytes = b"layerfs") -> FakeImage:
     """An OCI image with one gzip layer holding /hello and /data (incompressible, so the layer
     blob is at least `payload_size` bytes: big enough to be cut in the middle)."""
-    data = b""
-    counter = 0
-    while len(data) < payload_size:
-        data += hashlib.sha256(seed + counter.to_bytes(8, "big")).digest()
-        counter += 1
+    data = random.Random(seed).randbytes(payload_size)
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, content in (("hello", b"hello from the fake registry\n"),
-                              ("data", data[:payload_size])):
+                              ("data", data)):
             info = tarfile.TarInfo(name)
             info.size = len(content)
             info.mode = 0o644

@@ -796,22 +796,26 @@ def test_fake_toomanyrequests_is_a_clear_error(fake_registry: FakeRegistry,
 
 
 @needs("pull")
-def test_fake_cut_layer_is_resumed_with_range(fake_registry: FakeRegistry,
-                                              fake_image: FakeImage,
+@pytest.mark.parametrize("size", [3 << 20, 64 << 10], ids=["3MiB", "64KiB"])
+def test_fake_cut_layer_is_resumed_with_range(fake_registry: FakeRegistry, size: int,
                                               client: LayerfsStore) -> None:
-    fake_registry.serve_image("fault/resume", "1", fake_image)
-    path = f"/v2/fault/resume/blobs/{fake_image.layer_digest}"
-    half = len(fake_image.layer) // 2
-    fake_registry.route(path, FakeRegistry.blob(fake_image.layer, send_only=half),
-                        FakeRegistry.blob(fake_image.layer))
+    """Cut once after half the bytes, then honour `Range: bytes=N-` with 206: the pull succeeds
+    and goes on from the bytes it has (the small layer is cut before 1 MiB has arrived)."""
+    image = make_fake_image(payload_size=size)
+    fake_registry.serve_image("fault/resume", "1", image)
+    path = f"/v2/fault/resume/blobs/{image.layer_digest}"
+    half = len(image.layer) // 2
+    fake_registry.route(path, FakeRegistry.blob(image.layer, send_only=half),
+                        FakeRegistry.blob(image.layer))
     ref = fake_registry.ref("fault/resume:1")
     client.ok("pull", ref, timeout=60)
-    assert client.inspect(ref)["Id"] == fake_image.config_digest
+    assert client.inspect(ref)["Id"] == image.config_digest
     ranges = [r.headers.get("range", "") for r in fake_registry.requests_for(path, "GET")]
     resumed = [r for r in ranges if r.startswith("bytes=") and r != "bytes=0-"]
-    assert resumed, f"no Range request after the cut: {ranges}"
+    assert resumed, f"no Range request after the cut at {half} of {len(image.layer)}: {ranges}"
     start = int(resumed[0].removeprefix("bytes=").split("-")[0])
     assert 0 < start <= half, ranges
+    assert not client.snapshot().tmp
 
 
 def test_wait_for_reports_what_it_waited_for() -> None:
