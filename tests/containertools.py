@@ -12,18 +12,17 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import pytest
 from backports import zstd
 
-from tests.imagetools import Store, busybox_rootfs, is_mounted, tar_dir
-
-if TYPE_CHECKING:
-    from pathlib import Path
+from tests.imagetools import Store, is_mounted, tar_dir
 
 LayerMember = tuple[tarfile.TarInfo, bytes | None]
 
@@ -156,25 +155,50 @@ def layer_members(blob: bytes, media_type: str) -> dict[str, LayerMember]:
 # -- root filesystems -----------------------------------------------------------------------------
 
 USER_UID = 1000
+BUSYBOX = Path("/bin/busybox")
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a file of the root being built, never through a symlink (`busybox --install -s`
+    leaves absolute links to /bin/busybox that would lead to the host's)."""
+    assert not path.is_symlink(), f"{path}: a symlink, would write outside the root"
+    path.write_text(text)
+    path.chmod(mode)
 
 
 def busybox_user_rootfs(dest: Path) -> Path:
-    """`imagetools.busybox_rootfs` plus a user `user` (1000:1000, home /home/user), a group
-    `staff` (50) that lists him, and /opt/data with two files: a directory to replace."""
-    busybox_rootfs(dest)
-    with open(dest / "etc" / "passwd", "a") as f:
-        f.write(f"user:x:{USER_UID}:{USER_UID}:user:/home/user:/bin/sh\n")
-    with open(dest / "etc" / "group", "a") as f:
-        f.write(f"user:x:{USER_UID}:\nstaff:x:50:user\n")
-    home = dest / "home" / "user"
-    home.mkdir(parents=True)
-    os.chown(home, USER_UID, USER_UID)
-    data = dest / "opt" / "data"
-    data.mkdir(parents=True)
-    (data / "old1").write_text("old one\n")
-    (data / "old2").write_text("old two\n")
-    (dest / "etc" / "motd").write_text("base motd\n")
-    (dest / "etc" / "motd").chmod(0o644)
+    """A small runnable root from Debian's busybox-static: /bin/busybox and its applet links,
+    root and a user `user` (1000:1000, home /home/user) in a group `staff` (50) as well, /tmp
+    1777, /dev/null, a fifo, a hard-linked pair (/etc/group, /etc/group.lnk), a file owned by
+    the user with an xattr, /etc/motd, and /opt/data with two files: a directory to replace."""
+    if not BUSYBOX.exists():
+        pytest.skip("busybox-static is not installed (/bin/busybox)")
+    with open(BUSYBOX, "rb") as f:
+        assert f.read(4) == b"\x7fELF", f"{BUSYBOX} is not a program any more: reinstall " \
+            "busybox-static (apt-get install --reinstall busybox-static)"
+    for sub in ("bin", "etc", "root", "tmp", "proc", "dev", "usr/share/doc", "home/user",
+                "opt/data"):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
+    subprocess.run(["chroot", str(dest), "/bin/busybox", "--install", "-s", "/bin"], check=True)
+    (dest / "tmp").chmod(0o1777)
+    etc = dest / "etc"
+    _write(etc / "passwd", "root:x:0:0:root:/root:/bin/sh\n"
+                           f"user:x:{USER_UID}:{USER_UID}:user:/home/user:/bin/sh\n")
+    groups = f"root:x:0:\nuser:x:{USER_UID}:\nstaff:x:50:user\n"
+    _write(etc / "group", groups)
+    _write(etc / "group-", groups)
+    os.link(etc / "group", etc / "group.lnk")
+    _write(etc / "motd", "base motd\n")
+    os.mknod(dest / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkfifo(dest / "dev" / "fifo", 0o600)
+    doc = dest / "usr" / "share" / "doc" / "README"
+    _write(doc, "a busybox root\n")
+    os.chown(doc, USER_UID, USER_UID)
+    os.setxattr(doc, "user.note", b"kept")
+    os.chown(dest / "home" / "user", USER_UID, USER_UID)
+    _write(dest / "opt" / "data" / "old1", "old one\n")
+    _write(dest / "opt" / "data" / "old2", "old two\n")
     return dest
 
 
