@@ -17,6 +17,8 @@ import io
 import json
 import os
 import shutil
+import stat
+import struct
 import subprocess
 import tarfile
 import time
@@ -468,31 +470,48 @@ def hardlink_groups(root: Path) -> set[frozenset[str]]:
 # -- root filesystems -----------------------------------------------------------------------------
 
 
+def new_file(path: Path, data: bytes, mode: int = 0o644) -> Path:
+    """Create `path` with `data`; fails if anything, a symlink above all, is already there.
+
+    The applet symlinks of a busybox root point at /bin/busybox: writing through one of them
+    would overwrite the host's busybox. O_EXCL never follows a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        os.fchmod(f.fileno(), mode)  # umask aside
+    return path
+
+
 def busybox_rootfs(dest: Path) -> Path:
     """A small runnable root from Debian's busybox-static: /bin/busybox and its applet
     symlinks (`busybox --install -s` in a chroot), /etc/passwd, /tmp 1777, a device, a fifo,
-    a hard link, a setuid file and an xattr: one of each thing a root can hold."""
+    a hard link, a setuid file, a user xattr and a file capability: one of each thing a root
+    can hold. Every file is made with `new_file`, never through an applet symlink."""
     if not BUSYBOX.exists():
         pytest.skip("busybox-static is not installed (/bin/busybox)")
-    for sub in ("bin", "etc", "root", "tmp", "proc", "dev", "usr/share/doc"):
+    for sub in ("bin", "etc", "root", "tmp", "proc", "dev", "usr/share/doc", "usr/sbin"):
         (dest / sub).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
+    new_file(dest / "bin" / "busybox", BUSYBOX.read_bytes(), 0o755)
     run(["chroot", str(dest), "/bin/busybox", "--install", "-s", "/bin"])
     (dest / "tmp").chmod(0o1777)
-    (dest / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (dest / "etc" / "group").write_text("root:x:0:\n")
-    (dest / "etc" / "group-").write_text("root:x:0:\n")
-    os.link(dest / "etc" / "group", dest / "etc" / "group.lnk")
-    os.mknod(dest / "dev" / "null", 0o666 | 0o020000, os.makedev(1, 3))
+    new_file(dest / "etc" / "passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    new_file(dest / "etc" / "group", b"root:x:0:\n")
+    new_file(dest / "etc" / "group-", b"root:x:0:\n")
+    os.link(dest / "etc" / "group", dest / "etc" / "group.lnk", follow_symlinks=False)
+    os.mknod(dest / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     os.mkfifo(dest / "dev" / "fifo", 0o600)
-    doc = dest / "usr" / "share" / "doc" / "README"
-    doc.write_text("a busybox root\n")
-    os.chown(doc, 1000, 1000)
-    os.setxattr(doc, "user.note", b"kept")
-    suid = dest / "bin" / "suid"
-    suid.write_bytes(b"#!/bin/sh\n")
-    suid.chmod(0o4755)
+    doc = new_file(dest / "usr" / "share" / "doc" / "README", b"a busybox root\n")
+    os.chown(doc, 1000, 1000, follow_symlinks=False)
+    os.setxattr(doc, "user.note", b"kept", follow_symlinks=False)
+    new_file(dest / "usr" / "sbin" / "suid-tool", b"#!/bin/sh\n", 0o4755)
+    cap = new_file(dest / "usr" / "sbin" / "cap-tool", b"#!/bin/sh\n", 0o755)
+    os.setxattr(cap, "security.capability", CAP_NET_RAW, follow_symlinks=False)
     return dest
+
+
+# A file capability, `setcap cap_net_raw+ep`: VFS_CAP_REVISION_2 with the effective flag,
+# then permitted/inheritable low words, then the high words.
+CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 
 
 def tar_dir(src: Path, out: Path) -> Path:
