@@ -410,9 +410,13 @@ class Differential:
                     f"outcomes differ at step {len(steps)}:\n{format_steps(steps)}"
                 )
         kernel_tree = harness.snapshot(Path(kernel_mnt))
-        fuse_tree = harness.call_with_timeout(
-            lambda: harness.snapshot(Path(fuse_mnt)), OP_TIMEOUT_S, "snapshot"
-        )
+        try:
+            fuse_tree = harness.call_with_timeout(
+                lambda: harness.snapshot(Path(fuse_mnt)), OP_TIMEOUT_S, "snapshot"
+            )
+        except OSError as exc:  # the kernel's tree could be walked, so this is a difference
+            message = f"walking the FUSE tree: {exc}\nafter:\n{format_steps(steps)}"
+            raise TreeMismatch(message) from exc
         if diffs := harness.tree_differences(kernel_tree, fuse_tree):
             raise TreeMismatch(
                 "final trees differ (kernel first):\n  "
