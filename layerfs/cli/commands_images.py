@@ -157,7 +157,7 @@ def images(
                     "Repository": r,
                     "Tag": t,
                     "ID": i.id,
-                    "Digest": i.manifest_digest,
+                    "Digest": i.repo_digest,
                     "CreatedAt": i.config.created,
                     "Size": s,
                 }
@@ -182,7 +182,7 @@ def images(
             [
                 r,
                 t,
-                *([i.manifest_digest] if digests else []),
+                *([i.repo_digest] if digests else []),
                 ident(i),
                 since(i.config.created),
                 human_size(s),
@@ -252,7 +252,7 @@ def inspect_doc(ctx: Context, image: Image) -> dict[str, object]:
         "Id": image.id,
         "RepoTags": [f"{Reference.parse(r).familiar()}:{r.rsplit(':', 1)[1]}" for r in image.refs],
         "RepoDigests": [
-            f"{Reference.parse(r).familiar()}@{image.manifest_digest}" for r in image.refs
+            f"{Reference.parse(r).familiar()}@{image.repo_digest}" for r in image.refs
         ],
         "Created": config.get("created"),
         "Author": config.get("author", ""),

@@ -145,7 +145,10 @@ class RegistryClient:
                     stream=stream,
                 )
             except httpx.TransportError as exc:
-                if attempt < MAX_ATTEMPTS:
+                # a refused connection is retried once only: nobody is there (docker fails
+                # at once); a connection that broke may well work the next time
+                limit = 2 if isinstance(exc, httpx.ConnectError) else MAX_ATTEMPTS
+                if attempt < limit:
                     self._sleep(BACKOFF_BASE * 2 ** (attempt - 1))
                     continue
                 raise RegistryError(f"{what}: cannot reach {self.domain}: {_reason(exc)}") from None
@@ -285,7 +288,7 @@ class RegistryClient:
                     out.seek(0)
                     out.truncate()
                     hasher, offset = Hasher(), 0
-                for chunk in resp.iter_raw(CHUNK):
+                for chunk in resp.iter_raw():  # as it arrives: a cut loses nothing
                     out.write(chunk)
                     hasher.update(chunk)
                     offset += len(chunk)

@@ -69,10 +69,13 @@ def _platform_name(descriptor: Descriptor) -> str:
 
 def _manifest_for(
     client: RegistryClient, ref: Reference, platform: str, what: str
-) -> tuple[Manifest, Digest]:
+) -> tuple[Manifest, Digest, Digest | None]:
+    """The platform's manifest, its digest, and the digest of the index it came from."""
     reference = ref.digest or ref.tag or "latest"
     fetched = client.get_manifest(ref.path, reference, what)
+    index_digest = None
     if fetched.media_type in mediatypes.INDEXES:
+        index_digest = fetched.digest
         index = Index.parse(fetched.raw, fetched.media_type, what=what)
         chosen = next((d for d in index.manifests if _platform_matches(d, platform)), None)
         if chosen is None:
@@ -84,9 +87,10 @@ def _manifest_for(
     if fetched.media_type not in mediatypes.MANIFESTS:
         raise RegistryError(f"{what}: unsupported manifest media type {fetched.media_type!r}")
     try:
-        return Manifest.parse(fetched.raw, fetched.media_type, what=what), fetched.digest
+        manifest = Manifest.parse(fetched.raw, fetched.media_type, what=what)
     except StoreError as exc:
         raise RegistryError(str(exc)) from None
+    return manifest, fetched.digest, index_digest
 
 
 def pull(
@@ -104,7 +108,8 @@ def pull(
     if len(platform.split("/")) not in (2, 3):
         raise RegistryError(f"{platform}: a platform is os/arch[/variant]")
     with registries.client_for(store, ref.domain, insecure=insecure) as client:
-        manifest, manifest_digest = _manifest_for(client, ref, platform, what)
+        manifest, manifest_digest, index_digest = _manifest_for(client, ref, platform, what)
+        shown = index_digest or manifest_digest
         state = store.state()
         image_id = manifest.config.digest
         tags = [ref] if ref.tag is not None else []
@@ -113,8 +118,8 @@ def pull(
             and state.images[image_id].manifest == manifest_digest
             and all(store.has_layer(d) for d in store.image(image_id, state).diff_ids)
         ):
-            image = store.add_image(manifest.raw, tags, manifest_digest)
-            return Pulled(image, ref, manifest_digest, up_to_date=True)
+            image = store.add_image(manifest.raw, tags, manifest_digest, index_digest)
+            return Pulled(image, ref, shown, up_to_date=True)
         added: list[Digest] = []
         try:
             if not store.blobs.has(image_id):
@@ -128,14 +133,14 @@ def pull(
                     f"the manifest {len(manifest.layers)}"
                 )
             _fetch_layers(store, client, ref, manifest, config.diff_ids, progress, added)
-            image = store.add_image(manifest.raw, tags, manifest_digest)
+            image = store.add_image(manifest.raw, tags, manifest_digest, index_digest)
         except BaseException:
             _undo(store, added)
             raise
     registries.remember_sources(
         store, ref.domain, ref.path, [layer.digest for layer in manifest.layers]
     )
-    return Pulled(image, ref, manifest_digest, up_to_date=False)
+    return Pulled(image, ref, shown, up_to_date=False)
 
 
 def _fetch_layers(

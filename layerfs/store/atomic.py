@@ -6,6 +6,7 @@ that a killed process's leftovers can be told from a live one's and removed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -57,10 +58,22 @@ def write_file(path: Path, data: bytes) -> None:
 
 
 def process_tmp(tmp_root: Path) -> Path:
-    """This process's staging dir."""
+    """This process's staging dir, removed when the process exits (if it is empty)."""
     path = tmp_root / f"{os.getpid()}"
-    path.mkdir(parents=True, exist_ok=True)
+    if path not in _registered:
+        path.mkdir(parents=True, exist_ok=True)
+        _registered.add(path)
+        atexit.register(_remove_if_empty, path)
     return path
+
+
+_registered: set[Path] = set()
+
+
+def _remove_if_empty(path: Path) -> None:
+    if path.name == str(os.getpid()):  # not in a forked child that inherited the handler
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 @contextlib.contextmanager

@@ -30,6 +30,8 @@ class State:
     """Full reference (docker.io/library/busybox:latest) → manifest digest."""
     images: dict[Digest, ImageEntry] = field(default_factory=dict)
     """Image id (config digest) → its manifest and when it came into the store."""
+    indexes: dict[Digest, Digest] = field(default_factory=dict)
+    """Digest of an index (a multi-platform image) pulled → the manifest chosen from it."""
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -45,6 +47,8 @@ class State:
                     parse_digest(k): ImageEntry(parse_digest(v["manifest"]), str(v["added"]))
                     for k, v in doc.get("images", {}).items()
                 },
+                indexes={parse_digest(k): parse_digest(v)
+                         for k, v in doc.get("indexes", {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"{path}: store index is damaged: {exc}") from None
@@ -56,10 +60,13 @@ class State:
                 k: {"manifest": v.manifest, "added": v.added}
                 for k, v in sorted(self.images.items())
             },
+            "indexes": dict(sorted(self.indexes.items())),
         }
         atomic.write_file(path, json.dumps(doc, indent=1).encode() + b"\n")
 
     def image_of_manifest(self, manifest: Digest) -> Digest | None:
+        """The image a manifest digest (or the digest of an index it came from) names."""
+        manifest = self.indexes.get(manifest, manifest)
         for image_id, entry in self.images.items():
             if entry.manifest == manifest:
                 return image_id

@@ -38,6 +38,8 @@ class Image:
     config: ImageConfig
     refs: tuple[str, ...]
     added: str
+    repo_digest: Digest
+    """The digest a registry knows the image by: its index's, if it came from one."""
 
     @property
     def diff_ids(self) -> tuple[DiffID, ...]:
@@ -141,8 +143,12 @@ class Store:
 
     # -------------------------------------------------------------- images
     def add_image(self, manifest_raw: bytes, refs: list[Reference],
-                  manifest_digest: Digest | None = None) -> Image:
-        """Record an image whose config and layers are in the store; point `refs` at it."""
+                  manifest_digest: Digest | None = None,
+                  index_digest: Digest | None = None) -> Image:
+        """Record an image whose config and layers are in the store; point `refs` at it.
+
+        `index_digest`: the multi-platform index it was chosen from, a name for it as well.
+        """
         manifest = Manifest.parse(manifest_raw)
         config = ImageConfig.parse(self.blobs.read(manifest.config.digest),
                                    what=f"config {manifest.config.digest}")
@@ -162,6 +168,8 @@ class Store:
                 state.images[image_id].manifest = digest
             for ref in refs:
                 state.refs[ref_key(ref)] = digest
+            if index_digest is not None:
+                state.indexes[index_digest] = digest
         return self.image(image_id)
 
     def image(self, image_id: Digest, state: State | None = None) -> Image:
@@ -174,7 +182,9 @@ class Store:
                                    what=manifest.config.digest)
         refs = tuple(sorted(r for r, d in state.refs.items()
                             if state.image_of_manifest(d) == image_id))
-        return Image(image_id, entry.manifest, manifest, config, refs, entry.added)
+        repo_digest = next((i for i, m in state.indexes.items() if m == entry.manifest),
+                           entry.manifest)
+        return Image(image_id, entry.manifest, manifest, config, refs, entry.added, repo_digest)
 
     def images(self) -> list[Image]:
         state = self.state()
