@@ -104,7 +104,7 @@ def test_two_containers_of_one_image_each_see_only_their_own_writes(
     all_rows = {r["NAMES"]: r for r in ps_rows(store, "-a")}
     assert all_rows["one"]["STATUS"] == "Unmounted"
     assert all_rows["one"]["MOUNTPOINT"] == ""
-    store.ok("umount", str(m2))
+    assert store.ok("umount", "./m2", cwd=tmp_path) == ""  # by its mountpoint, relative
     assert ps_rows(store) == []
 
     # a container remounted elsewhere still has its own changes
@@ -121,6 +121,9 @@ def test_rm_refuses_a_mounted_container_and_rm_f_unmounts_it(
     line = store.fails("rm", "busy")
     assert "busy" in line
     assert os.path.ismount(mnt)
+    # nor can its image go while the container exists
+    assert IMAGE in store.fails("rmi", IMAGE)
+    assert (mnt / "bin" / "busybox").is_file()
     assert store.ok("rm", "-f", "busy").split() == ["busy"]
     assert not os.path.ismount(mnt)
     assert ps_rows(store, "-a") == []
@@ -128,6 +131,8 @@ def test_rm_refuses_a_mounted_container_and_rm_f_unmounts_it(
     # the name is free again, and the new container starts from the image
     store.mount(IMAGE, mnt, "--name", "busy")
     assert store.diff("busy") == []
+    store.ok("rm", "-f", "busy")
+    store.ok("rmi", IMAGE)
 
 
 def test_diff_lists_added_changed_deleted_like_docker(
@@ -663,8 +668,9 @@ def test_a_refused_mount_leaves_no_container(store: ContainerStore, tmp_path: Pa
     store.mount(IMAGE, tmp_path / "ok", "--name", "web")
 
 
-@pytest.mark.xfail(reason="umount/diff/commit find a container by mountpoint only when the "
-                   "path is absolute", strict=True)
+@pytest.mark.xfail(reason="containers.find takes a mountpoint only when it is absolute or "
+                   "starts with '.': `layerfs umount m` after `layerfs mount IMG m` says "
+                   "'m: no such container'", strict=True)
 def test_umount_by_a_relative_mountpoint(store: ContainerStore, tmp_path: Path) -> None:
     store.mount(IMAGE, tmp_path / "m", "--name", "rel")
     result = store.run("umount", "m", cwd=tmp_path)
