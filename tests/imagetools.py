@@ -245,11 +245,11 @@ def write_docker_archive(path: Path, repo_tags: list[str], layers: list[bytes],
     members.append((config_name, config_raw))
     manifest = [{"Config": config_name, "RepoTags": repo_tags, "Layers": layer_names}]
     members.append(("manifest.json", json.dumps(manifest).encode()))
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            archive.addfile(info, io.BytesIO(data))
     return BuiltImage("", config_digest, tuple(diff_ids), tuple(diff_ids))
 
 
@@ -375,15 +375,13 @@ class Store:
         return {p.name for p in base.iterdir()} if base.is_dir() else set()
 
     def listing(self) -> dict[str, tuple[int, int]]:
-        """Every path in the store with its type bits and size; the lock file and the empty
-        per-process dirs under tmp/ aside (see test_a_command_leaves_no_staging_behind)."""
+        """Every path in the store (the lock file aside) with its type bits and size."""
         out: dict[str, tuple[int, int]] = {}
         if not self.root.exists():
             return out
         for path in sorted(self.root.rglob("*")):
             rel = str(path.relative_to(self.root))
-            if rel == "lock" or (path.parent.name == "tmp" and path.parent.parent == self.root
-                                 and path.is_dir() and not any(path.iterdir())):
+            if rel == "lock":
                 continue
             st = path.lstat()
             out[rel] = (st.st_mode, st.st_size)
@@ -421,13 +419,9 @@ class Store:
 
 
 def staged(store: Store) -> list[str]:
-    """What staging holds under ROOT/tmp: files and non-empty dirs (empty per-process dirs
-    aside, see test_a_command_leaves_no_staging_behind)."""
+    """What is left under ROOT/tmp (staging: nothing, once no layerfs process runs)."""
     tmp = store.root / "tmp"
-    if not tmp.is_dir():
-        return []
-    return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
-                  if not (p.is_dir() and not p.is_symlink() and not any(p.iterdir())))
+    return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")) if tmp.is_dir() else []
 
 
 def is_mounted(mountpoint: Path) -> bool:

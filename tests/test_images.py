@@ -456,15 +456,23 @@ def test_load_refuses_an_invalid_repository(store: Store, tmp_path: Path) -> Non
     assert store.images_json("-a") == []
 
 
-@pytest.mark.xfail(strict=True, reason="`layerfs umount MNT` with a relative MNT says "
-                   "'MNT: no such container': containers.find resolves only absolute paths")
-def test_umount_takes_a_relative_mountpoint(
-    store: Store, busybox_tar: Path, tmp_path: Path
+def test_umount_takes_a_mountpoint_relative_to_the_cwd(
+    store: Store, tmp_path: Path
 ) -> None:
-    store.ok("import", str(busybox_tar), "bb:1")
-    with store.mounted("bb:1", tmp_path / "mnt"):
-        store.ok("umount", "mnt", cwd=tmp_path)
+    store.ok("import", "-", "x:1", input=make_tar(file("x", b"x")))
+    with store.mounted("x:1", tmp_path / "mnt"):
+        store.ok("umount", "./mnt", cwd=tmp_path)
         assert not it.is_mounted(tmp_path / "mnt")
+
+
+@pytest.mark.xfail(strict=True, reason="`layerfs umount sub/mnt` (a relative path that does "
+                   "not start with '.') says 'sub/mnt: no such container', although no "
+                   "container name can hold a '/'")
+def test_umount_takes_a_relative_path_with_a_slash(store: Store, tmp_path: Path) -> None:
+    store.ok("import", "-", "x:1", input=make_tar(file("x", b"x")))
+    with store.mounted("x:1", tmp_path / "sub" / "mnt"):
+        store.ok("umount", "sub/mnt", cwd=tmp_path)
+        assert not it.is_mounted(tmp_path / "sub" / "mnt")
 
 
 INVALID: list[tuple[list[str], str]] = [
@@ -646,8 +654,6 @@ def test_a_refused_import_leaves_no_staging_dir(store: Store, tmp_path: Path) ->
     assert it.staged(store) == []
 
 
-@pytest.mark.xfail(strict=True, reason="every layerfs process that stages leaves an empty "
-                   "ROOT/tmp/PID dir behind on a clean exit (only the next process removes it)")
 def test_a_command_leaves_no_staging_behind(store: Store) -> None:
     store.ok("import", "-", "x:1", input=make_tar(file("x", b"x")))
     assert os.listdir(store.root / "tmp") == []
