@@ -579,8 +579,6 @@ def test_run_shows_proc_and_leaves_nothing_mounted(store: ContainerStore) -> Non
                 t.startswith(str(store.root))]
 
 
-@pytest.mark.xfail(reason="run creates /proc, /sys and /dev in the container's upper: diff and "
-                   "commit show them though the command changed nothing", strict=True)
 def test_run_of_a_command_that_changes_nothing_leaves_an_empty_diff(
     store: ContainerStore, tmp_path: Path
 ) -> None:
@@ -588,16 +586,12 @@ def test_run_of_a_command_that_changes_nothing_leaves_an_empty_diff(
     assert store.diff("quiet") == []
 
 
-@pytest.mark.xfail(reason="run does not create a missing working directory (docker does); "
-                   "the process silently starts in /", strict=True)
 def test_run_creates_a_missing_working_directory(store: ContainerStore, base_tar: Path) -> None:
     assert store.ok("run", "--rm", "-w", "/srv/new", IMAGE, "pwd") == "/srv/new\n"
     store.ok("import", "-c", "WORKDIR /srv/app", str(base_tar), "bb:wd")
     assert store.ok("run", "--rm", "bb:wd", "pwd") == "/srv/app\n"
 
 
-@pytest.mark.xfail(reason="run -u UID (not in /etc/passwd) sets gid = UID; docker (runc) "
-                   "keeps gid 0", strict=True)
 def test_run_as_a_uid_without_passwd_entry_has_gid_0(store: ContainerStore) -> None:
     assert store.ok("run", "--rm", "-u", "4242", IMAGE, "sh", "-c", "id -u; id -g") == \
         "4242\n0\n"
@@ -657,8 +651,6 @@ def test_umount_of_a_busy_container_is_refused(store: ContainerStore, tmp_path: 
     assert "held" in store.fails("umount", "held")  # not mounted any more
 
 
-@pytest.mark.xfail(reason="a refused `mount IMAGE MNT` still creates the container (and takes "
-                   "its --name)", strict=True)
 def test_a_refused_mount_leaves_no_container(store: ContainerStore, tmp_path: Path) -> None:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("f")
@@ -668,9 +660,6 @@ def test_a_refused_mount_leaves_no_container(store: ContainerStore, tmp_path: Pa
     store.mount(IMAGE, tmp_path / "ok", "--name", "web")
 
 
-@pytest.mark.xfail(reason="containers.find takes a mountpoint only when it is absolute or "
-                   "starts with '.': `layerfs umount m` after `layerfs mount IMG m` says "
-                   "'m: no such container'", strict=True)
 def test_umount_by_a_relative_mountpoint(store: ContainerStore, tmp_path: Path) -> None:
     store.mount(IMAGE, tmp_path / "m", "--name", "rel")
     result = store.run("umount", "m", cwd=tmp_path)

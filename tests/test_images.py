@@ -132,9 +132,6 @@ def test_peer_made_busybox_image_loads_and_mounts_as_umoci_unpacks_it(
         it.chroot_echo(mnt)
 
 
-@pytest.mark.xfail(strict=True, reason="loading an image again through another manifest (a "
-                   "docker archive) repoints the image at the new manifest and orphans the tags "
-                   "that named the old one: `inspect oa:t` says 'no such image'")
 def test_loading_one_image_through_two_manifests_keeps_every_tag(
     store: Store, busybox_layout: Path, tmp_path: Path
 ) -> None:
@@ -446,8 +443,6 @@ def test_rmi_of_an_image_a_container_uses_needs_force(
     assert store.images_json("-a") == []
 
 
-@pytest.mark.xfail(strict=True, reason="`load --repository` takes an invalid reference "
-                   "without a word when the archive names its images in full")
 def test_load_refuses_an_invalid_repository(store: Store, tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     it.write_oci_layout(layout, "example.com/full/name:v1", [make_tar(file("x", b"x"))])
@@ -465,9 +460,6 @@ def test_umount_takes_a_mountpoint_relative_to_the_cwd(
         assert not it.is_mounted(tmp_path / "mnt")
 
 
-@pytest.mark.xfail(strict=True, reason="`layerfs umount sub/mnt` (a relative path that does "
-                   "not start with '.') says 'sub/mnt: no such container', although no "
-                   "container name can hold a '/'")
 def test_umount_takes_a_relative_path_with_a_slash(store: Store, tmp_path: Path) -> None:
     store.ok("import", "-", "x:1", input=make_tar(file("x", b"x")))
     with store.mounted("x:1", tmp_path / "sub" / "mnt"):

@@ -36,11 +36,19 @@ def mount(ctx: Context, source: str, mountpoint: str, name: str | None, foregrou
         container = containers_service.find(store, source)
         if name is not None:
             raise click.UsageError("--name applies to a new container only")
+        image = store.image(container.image)  # type: ignore[arg-type]
+        containers_service.mount(store, container, image, mountpoint, foreground=foreground)
     except NotFoundError:
         image = resolve_or_pull(store, source)
+        containers_service.check_mountpoint(mountpoint)  # before a container exists
         container = containers_service.create(store, image, source, name)
-    image = store.image(container.image)  # type: ignore[arg-type]
-    containers_service.mount(store, container, image, mountpoint, foreground=foreground)
+        try:
+            containers_service.mount(store, container, image, mountpoint,
+                                     foreground=foreground)
+        except BaseException:
+            if not foreground:
+                containers_service.remove(store, container)
+            raise
     if not foreground:
         click.echo(container.id)
 

@@ -372,6 +372,10 @@ def system_prune(ctx: Context, all_unused: bool) -> None:
 @handle_errors
 def load(ctx: Context, source: Path, repository: str | None) -> None:
     """Load images from an archive or an OCI layout."""
+    if repository is not None:
+        named = Reference.parse(repository)
+        if named.digest is not None or ":" in repository.rsplit("/", 1)[-1]:
+            raise UsageError(f"{repository}: --repository takes a name without tag or digest")
     for loaded in archive.load(ctx.store, source, repository):
         if loaded.refs:
             for ref in loaded.refs:

@@ -80,6 +80,8 @@ class OverlayOperations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
         self._copy_up_locks: dict[int, trio.Lock] = {}
+        # Attributes of objects that live in a lower layer only never change: made once.
+        self._lower_entries: dict[tuple[int, int], pyfuse3.EntryAttributes] = {}
 
     # -------------------------------------------------------------- helpers
     def _node(self, inode: int) -> Node:
@@ -138,7 +140,13 @@ class OverlayOperations(pyfuse3.Operations):
         return entry
 
     def _node_entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        return self._entry(self._engine.getattr(node))
+        if node.in_upper:
+            return self._entry(self._engine.getattr(node))
+        key = (node.ino, node.generation)
+        entry = self._lower_entries.get(key)
+        if entry is None:
+            entry = self._lower_entries[key] = self._entry(self._engine.getattr(node))
+        return entry
 
     # -------------------------------------------------------------- lookup and attributes
     @fuse_handler

@@ -362,9 +362,21 @@ class Engine:
         return sorted(seen)
 
     def child(self, node: Node, name: bytes) -> Node | None:
-        """The node of `name` in `parent` without counting a lookup; None if there is none."""
+        """The node of `name` in `parent` without counting a lookup; None if there is none.
+
+        Remembered until the directory changes, so that a repeated readdir is dict lookups.
+        """
+        ino = node.child_inos.get(name)
+        if ino is not None:
+            cached = self.nodes.get(ino)
+            if cached is not None and not cached.dead:
+                return cached
         found = self._lookup(node, name)
-        return None if found is None else self._attach(node, name, found)
+        if found is None:
+            return None
+        child = self._attach(node, name, found)
+        node.child_inos[name] = child.ino
+        return child
 
     def is_empty(self, node: Node) -> bool:
         return not self.listdir(node)
@@ -425,7 +437,7 @@ class Engine:
             with self._parent_times_kept(parent):
                 os.link(first, self.upper_child(parent, name))
             node.links.add((parent, name))
-            parent.listing = None
+            parent.changed()
         node.in_upper = True
 
     @contextlib.contextmanager
@@ -499,11 +511,21 @@ class Engine:
         self._require_upper()
         if len(name) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG, name)
-        if self._lookup(parent, name) is not None:
+        over_whiteout = False
+        if parent.in_upper:
+            try:
+                st = os.lstat(self.upper_child(parent, name))
+            except FileNotFoundError:
+                pass
+            else:
+                if not is_whiteout_stat(st):
+                    raise _err(errno.EEXIST, name)
+                over_whiteout = True
+        if not over_whiteout and self.lower_has(parent, name):
             raise _err(errno.EEXIST, name)
         self._copy_up_dir(parent)
-        parent.listing = None
-        return self._is_upper_whiteout(self.upper_child(parent, name))
+        parent.changed()
+        return over_whiteout
 
     def _owner(self, parent: Node, uid: int, gid: int, is_dir: bool) -> tuple[int, int, int]:
         """Owner and extra mode bits of a new object: a setgid directory hands on its group."""
@@ -524,9 +546,9 @@ class Engine:
 
     def _new_object(
         self, parent: Node, name: bytes, kind: int, mode: int, uid: int, gid: int,
-        *, rdev: int = 0, target: bytes = b"",
+        *, rdev: int = 0, target: bytes = b"", prepared: bool | None = None,
     ) -> Node:
-        over_whiteout = self._prepare_create(parent, name)
+        over_whiteout = self._prepare_create(parent, name) if prepared is None else prepared
         is_dir = kind == stat.S_IFDIR
         uid, gid, extra = self._owner(parent, uid, gid, is_dir)
         tmp = copyup.work_name(self._work())
@@ -568,8 +590,31 @@ class Engine:
     def create(
         self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[Node, Handle]:
-        node = self._new_object(parent, name, stat.S_IFREG, mode, uid, gid)
-        return node, self.open(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+        """A new regular file, open. Where no whiteout is in the way it is made in place,
+        as the kernel does, and the descriptor that made it is the handle."""
+        over_whiteout = self._prepare_create(parent, name)
+        if over_whiteout:
+            node = self._new_object(parent, name, stat.S_IFREG, mode, uid, gid,
+                                    prepared=True)
+            return node, self.open(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+        uid, gid, _extra = self._owner(parent, uid, gid, False)
+        real = self.upper_child(parent, name)
+        keep = flags & ~(_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY)
+        fd = os.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(real)
+            raise
+        node = self._attach(parent, name, Found(False, UPPER, real, st))
+        node.lookups += 1
+        node.opens += 1
+        node.open_fds.append(fd)
+        return node, Handle(node, fd, UPPER, flags)
 
     def link(self, node: Node, new_parent: Node, new_name: bytes) -> Node:
         if node.is_dir:
@@ -623,7 +668,7 @@ class Engine:
         """Delete a merged name: unlink the upper object, leave a whiteout where a lower shows."""
         needs_whiteout = self.lower_has(parent, name)
         self._copy_up_dir(parent)
-        parent.listing = None
+        parent.changed()
         real = self.upper_child(parent, name)
         if found.layer != UPPER:
             syscalls.make_whiteout(real)
@@ -697,8 +742,8 @@ class Engine:
             self._rename_exchange(old_parent, old_name, snode, new_parent, new_name, dnode)
         else:
             self._rename_move(old_parent, old_name, snode, new_parent, new_name, dst, dnode)
-        old_parent.listing = None
-        new_parent.listing = None
+        old_parent.changed()
+        new_parent.changed()
 
     def _rename_move(
         self, old_parent: Node, old_name: bytes, snode: Node,

@@ -47,11 +47,17 @@ class Node:
     name: bytes = b""
     lowers: tuple[tuple[int, bytes], ...] = ()
     listing: list[bytes] | None = None
+    child_inos: dict[bytes, int] = field(default_factory=dict)
     # everything else
     links: set[tuple[Node, bytes]] = field(default_factory=set)
     lower: tuple[int, bytes] | None = None
     lower_st: os.stat_result | None = None
     open_fds: list[int] = field(default_factory=list)
+
+    def changed(self) -> None:
+        """The directory's entries changed: forget its cached listing and children."""
+        self.listing = None
+        self.child_inos.clear()
 
     def path(self) -> bytes:
         """The merged path of a directory, b"" for the root, b"/a/b" below it."""

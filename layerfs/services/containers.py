@@ -79,13 +79,15 @@ def list_containers(store: Store) -> list[Container]:
 
 def find(store: Store, text: str) -> Container:
     """A container by name, id or id prefix, or by the mountpoint it is mounted on."""
-    if os.path.isabs(text) or text.startswith("."):
+    containers = list_containers(store)
+    matches = [] if "/" in text else [c for c in containers
+                                      if c.name == text or c.id.startswith(text)]
+    if not matches and os.path.isdir(text):
         real = os.path.realpath(text)
-        mounted = [c for c in list_containers(store) if c.mountpoint == real and is_mounted(c)]
+        mounted = [c for c in containers if c.mountpoint == real and is_mounted(c)]
         if mounted:
             return mounted[0]
         raise NotFoundError(f"{text}: no container is mounted there")
-    matches = [c for c in list_containers(store) if c.name == text or c.id.startswith(text)]
     if not matches:
         raise NotFoundError(f"{text}: no such container")
     exact = [c for c in matches if c.name == text or c.id == text]
@@ -119,6 +121,19 @@ def _valid_name(name: str) -> bool:
     return bool(name) and name[0].isalnum() and all(c.isalnum() or c in "_.-" for c in name)
 
 
+def check_mountpoint(mountpoint: str) -> None:
+    """MountError unless `mountpoint` is an empty directory that nothing is mounted on."""
+    real = os.path.realpath(mountpoint)
+    if not os.path.exists(real):
+        raise MountError(f"{mountpoint}: mountpoint does not exist")
+    if not os.path.isdir(real):
+        raise MountError(f"{mountpoint}: mountpoint is not a directory")
+    if os.path.ismount(real):
+        raise MountError(f"{mountpoint}: mountpoint is in use")
+    if os.listdir(real):
+        raise MountError(f"{mountpoint}: not an empty directory")
+
+
 def upper_dir(store: Store, container: Container) -> Path:
     return store.layout.container(container.id) / "upper"
 
@@ -140,11 +155,8 @@ def mount(store: Store, container: Container, image: Image, mountpoint: str, *,
     """Mount the container at `mountpoint`; returns once the mount answers."""
     if is_mounted(container):
         raise MountError(f"{container.name}: already mounted on {container.mountpoint}")
+    check_mountpoint(mountpoint)
     real = os.path.realpath(mountpoint)
-    if os.path.ismount(real):
-        raise MountError(f"{mountpoint}: mountpoint is in use")
-    if os.path.isdir(real) and os.listdir(real):
-        raise MountError(f"{mountpoint}: not an empty directory")
     base = store.layout.container(container.id)
     spec = OverlaySpec(
         lowers=tuple(str(p) for p in store.lower_dirs(image)),
@@ -186,13 +198,21 @@ def _wait_for_exit(pid: int | None, timeout: float = 10.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.01)
+        if not _running(pid):
+            return
+        time.sleep(0.005)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie: a daemon that exited waits as a zombie until init reaps it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
 
 
 def remove(store: Store, container: Container, *, force: bool = False) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import stat
 import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -92,7 +93,7 @@ def _user(root: Path, spec: str) -> tuple[int, int, list[int], str]:
     else:
         if not name.isdigit():
             raise UsageError(f"{spec}: no such user in the image's /etc/passwd")
-        uid, gid = int(name), int(name) if not group else -1
+        uid, gid = int(name), 0  # as runc: a uid without a passwd entry gets group 0
     groups_table = _table(root / "etc" / "group")
     if group:
         for fields in groups_table:
@@ -116,17 +117,21 @@ def _table(path: Path) -> list[list[str]]:
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def _enter(root: str, process: Process, bind: bool) -> None:
-    """In the child, before exec: private mounts, binds, chroot, user, cwd."""
+def _enter(root: str, process: Process, binds: list[str]) -> None:
+    """In the child, before exec: private mounts, binds, chroot, working dir, user.
+
+    The working directory is made after the chroot, so that a symlink in the image can
+    never lead it out of the container.
+    """
     _check(_libc.unshare(_CLONE_NEWNS), "unshare")
     _mount("none", "/", _MS_REC | _MS_PRIVATE)
-    if bind:
-        for name in BIND_MOUNTS:
-            target = os.path.join(root, name)
-            if os.path.isdir(target):
-                _mount(f"/{name}", target, _MS_BIND | _MS_REC)
+    for name in binds:
+        _mount(f"/{name}", os.path.join(root, name), _MS_BIND | _MS_REC)
     os.chroot(root)
     os.chdir("/")
+    if not os.path.isdir(process.cwd):
+        os.makedirs(process.cwd)
+        os.chown(process.cwd, process.uid, process.gid)
     os.setgroups(process.groups)
     os.setgid(process.gid)
     os.setuid(process.uid)
@@ -135,13 +140,37 @@ def _enter(root: str, process: Process, bind: bool) -> None:
 
 
 def run_in(root: Path, process: Process, *, bind: bool = True) -> int:
-    """Run `process` chrooted into `root`; its exit status (128+N if killed by signal N)."""
+    """Run `process` chrooted into `root`; its exit status (128+N if killed by signal N).
+
+    Mountpoints the image lacks are made for the run and removed after it, so that they do
+    not show in the container's diff (docker keeps them in a hidden init layer). A missing
+    working directory is created, as docker does.
+    """
+    made: list[Path] = []
+    binds: list[str] = []
     for name in BIND_MOUNTS if bind else ():
-        (root / name).mkdir(exist_ok=True)
+        path = root / name
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(path).st_mode)  # never through a symlink
+        except FileNotFoundError:
+            path.mkdir()
+            made.append(path)
+            is_dir = True
+        if is_dir:
+            binds.append(name)
+    try:
+        return _run(root, process, binds)
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def _run(root: Path, process: Process, binds: list[str]) -> int:
     try:
         child = subprocess.Popen(
             process.argv, env=process.env, close_fds=True,
-            preexec_fn=lambda: _enter(str(root), process, bind),
+            preexec_fn=lambda: _enter(str(root), process, binds),
         )
     except subprocess.SubprocessError as exc:
         raise LayerfsError(f"{process.argv[0]}: cannot start in the container: {exc}") from None

@@ -32,6 +32,9 @@ class State:
     """Image id (config digest) → its manifest and when it came into the store."""
     indexes: dict[Digest, Digest] = field(default_factory=dict)
     """Digest of an index (a multi-platform image) pulled → the manifest chosen from it."""
+    aliases: dict[Digest, Digest] = field(default_factory=dict)
+    """Another manifest of an image already stored (say, the same image loaded from a docker
+    archive) → the image's own manifest."""
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -49,6 +52,8 @@ class State:
                 },
                 indexes={parse_digest(k): parse_digest(v)
                          for k, v in doc.get("indexes", {}).items()},
+                aliases={parse_digest(k): parse_digest(v)
+                         for k, v in doc.get("aliases", {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"{path}: store index is damaged: {exc}") from None
@@ -61,12 +66,14 @@ class State:
                 for k, v in sorted(self.images.items())
             },
             "indexes": dict(sorted(self.indexes.items())),
+            "aliases": dict(sorted(self.aliases.items())),
         }
         atomic.write_file(path, json.dumps(doc, indent=1).encode() + b"\n")
 
     def image_of_manifest(self, manifest: Digest) -> Digest | None:
         """The image a manifest digest (or the digest of an index it came from) names."""
         manifest = self.indexes.get(manifest, manifest)
+        manifest = self.aliases.get(manifest, manifest)
         for image_id, entry in self.images.items():
             if entry.manifest == manifest:
                 return image_id

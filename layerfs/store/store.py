@@ -63,7 +63,8 @@ def ref_key(ref: Reference) -> str:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    """RFC 3339 in UTC with microseconds: two commits in one second are two images."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class Store:
@@ -162,10 +163,14 @@ class Store:
         digest = self.blobs.put_bytes(manifest_raw, manifest_digest)
         image_id = manifest.config.digest
         with self.transaction() as state:
-            if image_id not in state.images:
+            entry = state.images.get(image_id)
+            if entry is None:
                 state.images[image_id] = ImageEntry(digest, now())
-            else:
-                state.images[image_id].manifest = digest
+            elif entry.manifest != digest:
+                # the same image through another manifest: the first one stays the image's,
+                # the new digest becomes another name for it, so no ref loses its image
+                state.aliases[digest] = entry.manifest
+                digest = entry.manifest
             for ref in refs:
                 state.refs[ref_key(ref)] = digest
             if index_digest is not None:
