@@ -21,6 +21,7 @@ TRUSTED_PREFIX = b"trusted.overlay."
 OPAQUE = "trusted.overlay.opaque"
 REDIRECT = "trusted.overlay.redirect"
 ORIGIN_INO = "trusted.overlay.layerfs.ino"
+METACOPY = "trusted.overlay.metacopy"
 CAPABILITY = "security.capability"
 
 _USER_OPAQUE = "user.overlay.opaque"
@@ -67,6 +68,15 @@ def is_opaque_dir(path: bytes) -> bool:
 
 def redirect_of(path: bytes) -> bytes | None:
     return _get(path, REDIRECT) or _get(path, _USER_REDIRECT)
+
+
+def is_metacopy(path: bytes) -> bool:
+    """An upper file that holds metadata only: its data is the lower file's (kernel format)."""
+    return _get(path, METACOPY) is not None
+
+
+def set_metacopy(path: bytes) -> None:
+    os.setxattr(path, METACOPY, b"", follow_symlinks=False)
 
 
 def origin_ino(path: bytes) -> int | None:

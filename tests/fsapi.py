@@ -171,7 +171,7 @@ class EngineFS:
 
     def stat(self, path: str) -> os.stat_result:
         attr = self.engine.getattr(self.node(path))
-        return _MergedStat(attr.st, attr.ino, attr.nlink)  # type: ignore[return-value]
+        return _MergedStat(attr.st, attr.ino, attr.nlink, attr.blocks)  # type: ignore[return-value]
 
     def listdir(self, path: str = "") -> list[str]:
         return sorted(n.decode() for n in self.engine.listdir(self.node(path)))
@@ -253,8 +253,8 @@ class EngineFS:
 class _MergedStat:
     """A real stat result seen through the merge: another inode number and link count."""
 
-    def __init__(self, st: os.stat_result, ino: int, nlink: int) -> None:
-        self._st, self.st_ino, self.st_nlink = st, ino, nlink
+    def __init__(self, st: os.stat_result, ino: int, nlink: int, blocks: int) -> None:
+        self._st, self.st_ino, self.st_nlink, self.st_blocks = st, ino, nlink, blocks
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._st, name)

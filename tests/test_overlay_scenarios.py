@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 FS = EngineFS | MountFS
 SPARSE_SIZE = 8 << 20
+DATA = bytes(range(256)) * 8192  # 2 MiB
 
 
 def build_layers(base: Path) -> Layers:
@@ -56,6 +57,7 @@ def build_layers(base: Path) -> Layers:
     (l2 / "opq2").mkdir()
     (l2 / "opq2" / "o").write_bytes(b"o")
     os.mknod(l2 / "dev", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    (l2 / "data").write_bytes(DATA)
     os.utime(l2 / "a", ns=(1_000_000_000, 2_000_000_000))
     # top lower layer
     (l1 / "a").write_bytes(b"lower1-a")
@@ -355,3 +357,54 @@ def test_inode_numbers_stable_across_copy_up(env: tuple[FS, Layers]) -> None:
         "hl1": fs.stat("hl1").st_ino,
     }
     assert before == after
+
+
+# ---------------------------------------------------------------- metadata-only copy-up
+def test_chmod_of_a_lower_file_copies_no_data(env: tuple[FS, Layers]) -> None:
+    fs, layers = env
+    fs.chmod("data", 0o600)
+    up = os.lstat(layers.upper / "data")
+    assert up.st_size == len(DATA) and up.st_blocks <= 8  # metadata only, no data blocks
+    assert os.getxattr(layers.upper / "data", "trusted.overlay.metacopy") == b""
+    st = fs.stat("data")
+    assert st.st_mode & 0o777 == 0o600 and st.st_size == len(DATA) and st.st_blocks > 8
+    assert fs.read("data") == DATA
+    assert "trusted.overlay.metacopy" not in fs.listxattr("data")
+
+
+def test_writing_a_metadata_only_copy_copies_the_data_and_keeps_the_metadata(
+    env: tuple[FS, Layers]
+) -> None:
+    fs, layers = env
+    fs.chown("data", 123, 456)
+    fs.chmod("data", 0o640)
+    fs.setxattr("data", "user.k", b"v")
+    fs.utime("data", (5_000_000_000, 6_000_000_000))
+    fd = fs.open_read("data")
+    try:
+        assert fs.pread(fd, 4, 0) == DATA[:4]
+        fs.write("data", b"XY", 1, create=False)
+        assert fs.pread(fd, 4, 0) == DATA[:1] + b"XY" + DATA[3:4]  # the reader follows
+    finally:
+        fs.close(fd)
+    up = os.lstat(layers.upper / "data")
+    assert "trusted.overlay.metacopy" not in os.listxattr(layers.upper / "data")
+    assert (up.st_uid, up.st_gid, up.st_mode & 0o777) == (123, 456, 0o640)
+    assert os.getxattr(layers.upper / "data", "user.k") == b"v"
+    assert fs.read("data") == DATA[:1] + b"XY" + DATA[3:]
+    assert fs.stat("data").st_ino == fs.stat("data").st_ino
+
+
+def test_a_metadata_only_copy_survives_a_new_engine(tmp_path: Path) -> None:
+    layers = build_layers(tmp_path)
+    args = ([os.fsencode(p) for p in layers.lowers], os.fsencode(layers.upper),
+            os.fsencode(layers.work))
+    first = EngineFS(Engine(*args))
+    ino = first.stat("data").st_ino
+    first.chmod("data", 0o600)
+    second = EngineFS(Engine(*args))
+    assert second.read("data") == DATA
+    assert second.stat("data").st_ino == ino
+    assert second.stat("data").st_mode & 0o777 == 0o600
+    second.truncate("data", 10)
+    assert second.read("data") == DATA[:10]

@@ -102,7 +102,7 @@ class OverlayOperations(pyfuse3.Operations):
         second writer wait for the first copy instead of making its own; the engine re-checks
         the tree when it places the copy.
         """
-        if node.in_upper or node.is_dir or self._engine.upper is None:
+        if node.is_dir or self._engine.upper is None or not self._engine.needs_copy_up(node):
             return
         job = self._engine.copy_up_job(node, data_len)
         if not job.slow:
@@ -110,7 +110,7 @@ class OverlayOperations(pyfuse3.Operations):
         lock = self._copy_up_locks.setdefault(node.ino, trio.Lock())
         try:
             async with lock:
-                if node.in_upper:
+                if not self._engine.needs_copy_up(node):
                     return
                 tmp = await trio.to_thread.run_sync(self._engine.stage, job)
                 self._engine.finish_copy_up(node, tmp)
@@ -133,7 +133,7 @@ class OverlayOperations(pyfuse3.Operations):
         entry.st_rdev = st.st_rdev
         entry.st_size = st.st_size
         entry.st_blksize = st.st_blksize
-        entry.st_blocks = st.st_blocks
+        entry.st_blocks = attr.blocks
         entry.st_atime_ns = st.st_atime_ns
         entry.st_mtime_ns = st.st_mtime_ns
         entry.st_ctime_ns = st.st_ctime_ns
@@ -176,7 +176,8 @@ class OverlayOperations(pyfuse3.Operations):
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        await self._copy_up(node, attr.st_size if fields.update_size else None)
+        if fields.update_size:
+            await self._copy_up(node, attr.st_size)
         result = self._engine.setattr(
             node,
             mode=attr.st_mode if fields.update_mode else None,
@@ -277,7 +278,6 @@ class OverlayOperations(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         node = self._node(inode)
-        await self._copy_up(node)
         self._engine.setxattr(node, name, value)
 
     @fuse_handler

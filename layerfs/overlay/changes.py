@@ -38,8 +38,10 @@ class Change:
     """Relative to the root, no leading slash."""
     kind: str
     real: bytes | None
-    """Where the content is now; None for a deletion."""
+    """Where the object is now; None for a deletion."""
     opaque: bool = False
+    data: bytes | None = None
+    """Where a regular file's data is, when not in `real` (a metadata-only copy-up)."""
 
 
 def walk_changes(lowers: list[bytes], upper: bytes) -> Iterator[Change]:
@@ -61,7 +63,12 @@ def _walk_upper(engine: Engine, node: Node, prefix: bytes) -> Iterator[Change]:
             continue
         kind = CHANGED if engine.lower_has(node, name) else ADDED
         if not stat.S_ISDIR(st.st_mode):
-            yield Change(path, kind, real)
+            data = None
+            if stat.S_ISREG(st.st_mode):
+                child = engine.child(node, name)
+                if child is not None and child.metacopy:
+                    data = engine.data_path(child)
+            yield Change(path, kind, real, data=data)
             continue
         child = engine.child(node, name)
         assert child is not None and child.is_dir
@@ -80,6 +87,7 @@ def _walk_merged(engine: Engine, node: Node, prefix: bytes) -> Iterator[Change]:
         if child is None:
             continue
         real = engine.real_path(child)
-        yield Change(prefix + name, ADDED, real)
+        data = engine.data_path(child) if child.metacopy else None
+        yield Change(prefix + name, ADDED, real, data=data)
         if child.is_dir:
             yield from _walk_merged(engine, child, prefix + name + b"/")

@@ -60,6 +60,14 @@ def _copy_meta(path: bytes, st: os.stat_result, src: bytes, *, is_link: bool) ->
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
+def copy_metadata(path: bytes, st: os.stat_result, src: bytes) -> None:
+    """Make `path`'s owner, mode, xattrs and times those of `src` (whose stat is `st`)."""
+    for name in os.listxattr(path, follow_symlinks=False):
+        if not xattrs.is_private(name.encode()):
+            os.removexattr(path, name, follow_symlinks=False)
+    _copy_meta(path, st, src, is_link=False)
+
+
 def stage_dir(work: bytes, src: bytes, st: os.stat_result) -> bytes:
     """An empty copy of directory `src` (mode, owner, xattrs, times) in the work dir."""
     tmp = work_name(work)

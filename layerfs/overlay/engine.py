@@ -50,6 +50,7 @@ class Attr:
     generation: int
     st: os.stat_result
     nlink: int
+    blocks: int
 
 
 @dataclass(slots=True)
@@ -62,6 +63,8 @@ class Found:
     st: os.stat_result
     lowers: tuple[tuple[int, bytes], ...] = ()
     bottom_st: os.stat_result | None = None
+    data: tuple[int, bytes, os.stat_result] | None = None
+    """For an upper file with metadata only: the lower file that holds its data."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -82,6 +85,7 @@ class Handle:
     fd: int
     layer: int
     flags: int
+    data_gen: int = 0
 
 
 class Engine:
@@ -119,8 +123,15 @@ class Engine:
             return self.upper + parent.path() + b"/" + name
         raise _err(errno.ENOENT)
 
+    def data_path(self, node: Node) -> bytes:
+        """The real file that holds `node`'s data now: the lower one for a metadata-only copy."""
+        if node.metacopy and node.lower is not None:
+            return node.lower[1]
+        return self.real_path(node)
+
     def real_path(self, node: Node) -> bytes:
-        """The real object that holds `node`'s data and attributes now."""
+        """The real object that holds `node`'s attributes now (and its data, but see
+        `data_path`)."""
         if node.in_upper:
             return self._upper_path(node)
         if node.is_dir:
@@ -142,7 +153,10 @@ class Engine:
                 if is_whiteout_stat(st):
                     return None
                 if not stat.S_ISDIR(st.st_mode):
-                    return Found(False, UPPER, real, st)
+                    found = Found(False, UPPER, real, st)
+                    if stat.S_ISREG(st.st_mode) and xattrs.is_metacopy(real):
+                        found.data = self._lower_data(parent, name)
+                    return found
                 top = Found(True, UPPER, real, st, bottom_st=st)
                 if xattrs.is_opaque_dir(real):
                     return top
@@ -184,6 +198,21 @@ class Engine:
             top.lowers = tuple(lowers)
         return top
 
+    def _lower_data(self, parent: Node, name: bytes) -> tuple[int, bytes, os.stat_result] | None:
+        """The lower regular file under `name` that a metadata-only upper copy stands on."""
+        for layer, pdir in parent.lowers:
+            listing = self.lowers.listing(pdir)
+            if listing is None:
+                continue
+            entry = listing.classify(name)
+            if entry is None:
+                continue
+            if isinstance(entry, Hidden):
+                return None
+            st = entry.stat(follow_symlinks=False)
+            return (layer, pdir + b"/" + name, st) if stat.S_ISREG(st.st_mode) else None
+        return None
+
     def _redirect_plan(
         self, parent: Node, layer: int, redirect: bytes
     ) -> list[tuple[int, bytes, bytes]]:
@@ -223,6 +252,9 @@ class Engine:
             node.links.add((parent, name))
             if found.layer == UPPER:
                 node.in_upper = True
+                node.metacopy = found.data is not None
+                if found.data is not None:
+                    node.lower, node.lower_st = found.data[:2], found.data[2]
             else:
                 node.in_upper = False
                 node.lower = (found.layer, found.real)
@@ -266,7 +298,10 @@ class Engine:
         nlink = st.st_nlink
         if node.is_dir and (len(node.lowers) + node.in_upper) > 1:
             nlink = 1  # as the kernel: counting subdirectories of a merge is not worth it
-        return Attr(node.ino, node.generation, st, nlink)
+        blocks = st.st_blocks
+        if node.metacopy and node.lower_st is not None:
+            blocks = node.lower_st.st_blocks  # as the kernel: the data's blocks
+        return Attr(node.ino, node.generation, st, nlink, blocks)
 
     def readlink(self, node: Node) -> bytes:
         return os.readlink(self.real_path(node))
@@ -286,7 +321,7 @@ class Engine:
         if size is not None and node.is_dir:
             raise _err(errno.EISDIR)
         self._require_upper()
-        self.copy_up(node, data_len=size)
+        self.copy_up(node, data_len=size, meta_only=size is None)
         real = self._upper_path(node)
         if uid is not None or gid is not None:
             os.chown(real, -1 if uid is None else uid, -1 if gid is None else gid,
@@ -317,7 +352,7 @@ class Engine:
 
     def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
         self._require_upper()
-        self.copy_up(node)
+        self.copy_up(node, meta_only=True)
         os.setxattr(self._upper_path(node), xattrs.to_real(name), value, flags,
                     follow_symlinks=False)
 
@@ -327,7 +362,7 @@ class Engine:
         if not node.in_upper:
             # as the kernel: removing what is not there copies nothing up
             os.getxattr(self.real_path(node), real_name, follow_symlinks=False)
-        self.copy_up(node)
+        self.copy_up(node, meta_only=True)
         os.removexattr(self._upper_path(node), real_name, follow_symlinks=False)
 
     # ------------------------------------------------------------------ directories
@@ -391,12 +426,30 @@ class Engine:
             raise _err(errno.EROFS)
         return self.work
 
-    def copy_up(self, node: Node, *, data_len: int | None = None) -> None:
-        """Give `node` an upper copy (atomic: staged in work, renamed into place)."""
-        if node.in_upper:
+    def needs_copy_up(self, node: Node, *, meta_only: bool = False) -> bool:
+        return not node.in_upper or (node.metacopy and not meta_only)
+
+    def copy_up(self, node: Node, *, data_len: int | None = None,
+                meta_only: bool = False) -> None:
+        """Give `node` an upper copy (atomic: staged in work, renamed into place).
+
+        `meta_only`: the caller changes metadata only (chmod, chown, utimes, xattrs), so a
+        lower regular file with one link gets a metadata-only copy, as the kernel's
+        metacopy=on makes it: a sparse file of the same size marked `trusted.overlay.metacopy`,
+        whose data stays the lower file's until something writes it.
+        """
+        if not self.needs_copy_up(node, meta_only=meta_only):
             return
         if node.is_dir:
             self._copy_up_dir(node)
+            return
+        assert node.lower_st is not None and node.lower is not None
+        st = node.lower_st
+        if (meta_only and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size
+                and not node.in_upper):
+            tmp = copyup.stage_object(self._work(), node.lower[1], st, data_len=0, sync=False)
+            xattrs.set_metacopy(tmp)
+            self.finish_copy_up(node, tmp, metacopy=True)
             return
         self.finish_copy_up(node, self.stage(self.copy_up_job(node, data_len)))
 
@@ -414,12 +467,16 @@ class Engine:
         return copyup.stage_object(self._work(), job.src, job.st, data_len=job.data_len,
                                    sync=self.sync_copy_up)
 
-    def finish_copy_up(self, node: Node, tmp: bytes) -> None:
+    def finish_copy_up(self, node: Node, tmp: bytes, *, metacopy: bool = False) -> None:
         """Rename a staged copy into place under every visible name of `node`.
 
         The tree may have changed while the copy was staged: a node copied up meanwhile keeps
         its copy (ours is dropped), a node with no visible name left is not copied (ENOENT).
+        Over a metadata-only copy, the staged data takes the upper's metadata and replaces it.
         """
+        if node.in_upper and node.metacopy and not metacopy:
+            self._replace_metacopy(node, tmp)
+            return
         if node.in_upper:
             copyup.remove_tree(tmp)
             return
@@ -439,6 +496,20 @@ class Engine:
             node.links.add((parent, name))
             parent.changed()
         node.in_upper = True
+        node.metacopy = metacopy
+        if not metacopy:
+            node.data_gen += 1
+
+    def _replace_metacopy(self, node: Node, tmp: bytes) -> None:
+        upper = self._upper_path(node)
+        st = os.lstat(upper)
+        copyup.copy_metadata(tmp, st, upper)
+        xattrs.set_origin_ino(tmp, node.ino)
+        parent = next(iter(node.links))[0]
+        with self._parent_times_kept(parent):
+            os.rename(tmp, upper)
+        node.metacopy = False
+        node.data_gen += 1
 
     @contextlib.contextmanager
     def _parent_times_kept(self, parent: Node) -> Iterator[None]:
@@ -827,20 +898,23 @@ class Engine:
         if writing:
             self._require_upper()
             self.copy_up(node, data_len=0 if flags & os.O_TRUNC else None)
-        real = self.real_path(node)
+        real = self.data_path(node)
         open_flags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC
         fd = os.open(real, open_flags | os.O_NOFOLLOW)
         node.opens += 1
         node.open_fds.append(fd)
-        return Handle(node, fd, UPPER if node.in_upper else 1, flags)
+        layer = UPPER if node.in_upper and not node.metacopy else 1
+        return Handle(node, fd, layer, flags, node.data_gen)
 
     def read(self, handle: Handle, off: int, size: int) -> bytes:
-        if handle.layer != UPPER and handle.node.in_upper:
+        node = handle.node
+        if handle.data_gen != node.data_gen:
             # copied up since it was opened: read what the merged tree shows now
-            fd = os.open(self._upper_path(handle.node), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.data_path(node), os.O_RDONLY | os.O_CLOEXEC)
             self._forget_fd(handle)
-            handle.fd, handle.layer = fd, UPPER
-            handle.node.open_fds.append(fd)
+            handle.fd, handle.data_gen = fd, node.data_gen
+            handle.layer = UPPER if node.in_upper and not node.metacopy else 1
+            node.open_fds.append(fd)
         return os.pread(handle.fd, size, off)
 
     def write(self, handle: Handle, off: int, data: bytes) -> int:

@@ -52,6 +52,10 @@ class Node:
     links: set[tuple[Node, bytes]] = field(default_factory=set)
     lower: tuple[int, bytes] | None = None
     lower_st: os.stat_result | None = None
+    metacopy: bool = False
+    """In the upper with its metadata only: the data is still `lower`'s."""
+    data_gen: int = 0
+    """Goes up when the data moves to another real file: open readers follow it."""
     open_fds: list[int] = field(default_factory=list)
 
     def changed(self) -> None:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 
 def _entries(lowers: list[bytes], upper: bytes) -> list[LayerEntry]:
-    return [LayerEntry(c.path, c.real, c.opaque) for c in walk_changes(lowers, upper)]
+    return [LayerEntry(c.path, c.real, c.opaque, c.data) for c in walk_changes(lowers, upper)]
 
 
 def commit(

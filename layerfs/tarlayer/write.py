@@ -36,6 +36,8 @@ class LayerEntry:
     real: bytes | None
     """The object to archive; None for a deletion of `path`."""
     opaque: bool = False
+    data: bytes | None = None
+    """Where a regular file's content is read from, if not from `real`."""
 
 
 def _name(path: bytes) -> str:
@@ -106,7 +108,7 @@ def write_layer(entries: Iterable[LayerEntry], out: IO[bytes]) -> int:
             elif stat.S_ISREG(mode):
                 info.type = tarfile.REGTYPE
                 info.size = st.st_size
-                data = open(entry.real, "rb")  # noqa: SIM115 - closed below
+                data = open(entry.data or entry.real, "rb")  # noqa: SIM115 - closed below
                 if st.st_nlink > 1:
                     first_name[key] = info.name
             elif stat.S_ISDIR(mode):
