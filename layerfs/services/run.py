@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import stat
 import subprocess
@@ -82,7 +83,7 @@ def _user(root: Path, spec: str) -> tuple[int, int, list[int], str]:
     if not spec:
         return 0, 0, [], "/root"
     name, _, group = spec.partition(":")
-    passwd = _table(root / "etc" / "passwd")
+    passwd = _table(root, "etc/passwd")
     uid = gid = -1
     home = "/"
     for fields in passwd:
@@ -94,7 +95,7 @@ def _user(root: Path, spec: str) -> tuple[int, int, list[int], str]:
         if not name.isdigit():
             raise UsageError(f"{spec}: no such user in the image's /etc/passwd")
         uid, gid = int(name), 0  # as runc: a uid without a passwd entry gets group 0
-    groups_table = _table(root / "etc" / "group")
+    groups_table = _table(root, "etc/group")
     if group:
         for fields in groups_table:
             if len(fields) >= 3 and (fields[0] == group or fields[2] == group):
@@ -109,12 +110,43 @@ def _user(root: Path, spec: str) -> tuple[int, int, list[int], str]:
     return uid, gid, extra, home
 
 
-def _table(path: Path) -> list[list[str]]:
+def _table(root: Path, name: str) -> list[list[str]]:
+    """The lines of a colon-separated file of the image (passwd, group), split."""
     try:
-        text = path.read_text(errors="replace")
+        text = read_in_root(root, name).decode(errors="replace")
     except OSError:
         return []
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def read_in_root(root: Path, name: str, max_links: int = 40) -> bytes:
+    """Read file `name` of the tree at `root` as a process chrooted there would: symlinks,
+    absolute ones included, resolve inside `root`, so that the image can never make us read
+    a file of the host."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    stack: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if stack:
+                stack.pop()
+            continue
+        path = os.path.join(root, *stack, part)
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > max_links:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name)
+            target = os.readlink(path)
+            if target.startswith("/"):
+                stack = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        stack.append(part)
+    fd = os.open(os.path.join(root, *stack), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(16 << 20)
 
 
 def _enter(root: str, process: Process, binds: list[str]) -> None:
