@@ -308,6 +308,13 @@ def test_hard_links_stay_together_on_copy_up(env: tuple[FS, Layers]) -> None:
     assert os.lstat(layers.upper / "hl1").st_ino == os.lstat(layers.upper / "hl2").st_ino
 
 
+def test_unlinking_one_name_of_a_lower_group_counts_the_rest(env: tuple[FS, Layers]) -> None:
+    fs, _ = env
+    fs.unlink("hl2")
+    assert fs.stat("hl1").st_nlink == 1
+    assert fs.read("hl1") == b"hard"
+
+
 def test_link_count_is_right_at_once(env: tuple[FS, Layers]) -> None:
     fs, _ = env
     fs.link("a", "a2")

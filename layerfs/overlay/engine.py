@@ -713,6 +713,12 @@ class Engine:
             raise _err(errno.EISDIR, name)
         self._require_upper()
         node = self._attach(parent, name, found)
+        if found.layer != UPPER and found.st.st_nlink > 1 and stat.S_ISREG(found.st.st_mode):
+            # one name of a lower hard-linked group goes: the group moves up together first,
+            # so that the names left count their links right (as the kernel's index=on does)
+            self.copy_up(node)
+            found = self._lookup(parent, name)
+            assert found is not None
         self._remove(parent, name, found)
         node.links.discard((parent, name))
         if found.layer == UPPER and found.st.st_nlink <= 1:
