@@ -7,7 +7,7 @@ import sys
 import click
 
 from layerfs.cli.main import Context, cli, handle_errors, pass_ctx, table
-from layerfs.cli.pulling import LineProgress, pull_image
+from layerfs.cli.pulling import progress_for_output, pull_image
 from layerfs.errors import RegistryError, UsageError
 from layerfs.reference import Reference
 from layerfs.registry.auth import Credentials
@@ -42,7 +42,8 @@ def push(ctx: Context, name: str, insecure: bool) -> None:
     """Push an image to a registry: NAME[:TAG]."""
     ref = Reference.parse(name)
     click.echo(f"The push refers to repository [{ref.name}]")
-    pushed = push_service.push(ctx.store, name, insecure=insecure, progress=LineProgress())
+    with progress_for_output() as progress:
+        pushed = push_service.push(ctx.store, name, insecure=insecure, progress=progress)
     click.echo(f"{pushed.reference.tag}: digest: {pushed.digest} size: {pushed.size}")
 
 
