@@ -462,10 +462,14 @@ NEW_PATHS: tuple[str, ...] = (
 # to do more than fail with ENOENT, and the lower names are where overlay semantics live.
 _lower_paths = st.sampled_from(harness.LOWER_PATHS)
 paths = st.one_of(_lower_paths, _lower_paths, st.sampled_from(NEW_PATHS))
-# Directory renames are what kernel overlayfs with redirect_dir does and fuse-overlayfs does not:
-# give lower directories a good chance of being moved under a new name.
-_DIRS = ("d_lower", "a", "merged", "opq", "emptymerged", "wo_only", "a/sub", "d_lower/deep")
-rename_sources = st.one_of(st.sampled_from(_DIRS), paths)
+# Directory renames and removals are where overlays differ most (redirects, whiteouts, opaque
+# dirs), and a random path is rarely a directory: give directories, lower ones and those a
+# sequence makes, a good chance as the source of a rename and the target of rmdir and listing.
+_DIRS = (
+    "d_lower", "a", "merged", "opq", "emptymerged", "wo_only", "a/sub", "d_lower/deep",
+    "gone_dir", "newdir", "renamed", "renamed/deep",
+)  # fmt: skip
+dir_paths = st.one_of(st.sampled_from(_DIRS), paths)
 
 modes = st.sampled_from((0o644, 0o600, 0o755, 0o4755, 0o2755, 0o1777, 0o000))
 ids = st.sampled_from((-1, 0, 1000, 65534))
@@ -493,8 +497,8 @@ operations: st.SearchStrategy[Op] = st.one_of(
     st.builds(Create, paths, modes, st.sampled_from(("excl", "trunc", "plain"))),
     st.builds(Unlink, paths),
     st.builds(Mkdir, paths, st.sampled_from((0o755, 0o700, 0o1777, 0o2755))),
-    st.builds(Rmdir, paths),
-    st.builds(Rename, rename_sources, paths, st.sampled_from(("", "NOREPLACE", "EXCHANGE"))),
+    st.builds(Rmdir, dir_paths),
+    st.builds(Rename, dir_paths, paths, st.sampled_from(("", "NOREPLACE", "EXCHANGE"))),
     st.builds(Truncate, paths, st.sampled_from((0, 3, 100, 70_000))),
     st.builds(Link, paths, paths),
     st.builds(Symlink, symlink_targets, paths),
@@ -512,7 +516,7 @@ operations: st.SearchStrategy[Op] = st.one_of(
     st.builds(RemoveXattr, paths, xattr_names),
     st.builds(GetXattr, paths, xattr_names),
     st.builds(ListXattr, paths),
-    st.builds(ListDir, paths),
+    st.builds(ListDir, dir_paths),
     st.builds(Stat, paths),
 )
 sequences = st.lists(operations, max_size=25)
