@@ -234,16 +234,25 @@ def _abort_fuse_connection(mnt: Path) -> None:
 
 
 @contextlib.contextmanager
+def _owned_mount(mnt: Path, unmount: list[str]) -> Iterator[None]:
+    """Unmount `mnt` with `unmount` on the way out, whichever way out: also after a failed or
+    interrupted mount command, which may have left the mount up."""
+    try:
+        yield
+    finally:
+        if is_mounted(mnt):
+            _unmount_or_fail(mnt, unmount)
+
+
+@contextlib.contextmanager
 def kernel_overlay(dirs: OverlayDirs) -> Iterator[Path]:
     """The oracle: the kernel's overlayfs with the features layerfs matches (dir rename, index)."""
     options = dirs.options() + ",redirect_dir=on,index=on"
-    result = _run(["mount", "-t", "overlay", "overlay", "-o", options, str(dirs.mnt)])
-    if result.returncode != 0:
-        raise RuntimeError(f"{dirs.mnt}: kernel overlay mount failed: {result.stderr.strip()}")
-    try:
+    with _owned_mount(dirs.mnt, ["umount", str(dirs.mnt)]):
+        result = _run(["mount", "-t", "overlay", "overlay", "-o", options, str(dirs.mnt)])
+        if result.returncode != 0:
+            raise RuntimeError(f"{dirs.mnt}: kernel overlay mount failed: {result.stderr.strip()}")
         yield dirs.mnt
-    finally:
-        _unmount_or_fail(dirs.mnt, ["umount", str(dirs.mnt)])
 
 
 # LAYERFS_OVERLAY_CMD=kernel puts the kernel's overlayfs on both sides: the harness's self-check.
@@ -266,25 +275,21 @@ def fuse_overlay(dirs: OverlayDirs, cmd: list[str], log: Path) -> Iterator[Path]
     the mount answers. Its output goes to `log`, not a pipe: a daemon that keeps the pipe open
     would make us wait for it to exit."""
     env = dict(os.environ, LAYERFS_STRICT="1")
-    with log.open("wb") as out:
-        result = subprocess.run(
-            [*cmd, "-o", dirs.options(), str(dirs.mnt)],
-            stdout=out,
-            stderr=out,
-            env=env,
-            timeout=MOUNT_TIMEOUT_S,
-        )
-    if result.returncode != 0 or not is_mounted(dirs.mnt):
-        with contextlib.suppress(OSError):  # a failed start may still have mounted
-            _unmount_or_fail(dirs.mnt, ["fusermount3", "-u", str(dirs.mnt)])
-        raise RuntimeError(
-            f"{dirs.mnt}: {cmd[0]} exited {result.returncode}, mounted={is_mounted(dirs.mnt)}:"
-            f" {log_tail(log)}"
-        )
-    try:
+    with _owned_mount(dirs.mnt, ["fusermount3", "-u", str(dirs.mnt)]):
+        with log.open("wb") as out:
+            result = subprocess.run(
+                [*cmd, "-o", dirs.options(), str(dirs.mnt)],
+                stdout=out,
+                stderr=out,
+                env=env,
+                timeout=MOUNT_TIMEOUT_S,
+            )
+        if result.returncode != 0 or not is_mounted(dirs.mnt):
+            raise RuntimeError(
+                f"{dirs.mnt}: {cmd[0]} exited {result.returncode},"
+                f" mounted={is_mounted(dirs.mnt)}: {log_tail(log)}"
+            )
         yield dirs.mnt
-    finally:
-        _unmount_or_fail(dirs.mnt, ["fusermount3", "-u", str(dirs.mnt)])
 
 
 def log_tail(log: Path, lines: int = 30) -> str:
