@@ -1,7 +1,8 @@
 """The owner of the overlay's on-disk xattr names (the kernel overlayfs format).
 
-Root mounts use the `trusted.overlay.` namespace, as the kernel does; the `user.overlay.`
-namespace is read as well for opacity and redirects, since rootless tools write it.
+Mounts as root use the `trusted.overlay.` namespace, as the kernel does; `user.overlay.` names
+are plain xattrs there, as they are to the kernel without `userxattr` (rootless layers mark
+opaque directories with `.wh..wh..opq`, which the engine reads from the listing).
 
 Names under `trusted.overlay.` on disk are the overlay's own and never shown, with one exception
 that the kernel (6.7 and later) defines: a user may store an xattr named `trusted.overlay.X`
@@ -24,8 +25,6 @@ ORIGIN_INO = "trusted.overlay.layerfs.ino"
 METACOPY = "trusted.overlay.metacopy"
 CAPABILITY = "security.capability"
 
-_USER_OPAQUE = "user.overlay.opaque"
-_USER_REDIRECT = "user.overlay.redirect"
 
 
 _ESCAPED_PREFIX = b"trusted.overlay.overlay."
@@ -63,11 +62,11 @@ def _get(path: bytes, name: str) -> bytes | None:
 
 def is_opaque_dir(path: bytes) -> bool:
     """The xattr form of opacity; the `.wh..wh..opq` form is seen in the listing."""
-    return _get(path, OPAQUE) == b"y" or _get(path, _USER_OPAQUE) == b"y"
+    return _get(path, OPAQUE) == b"y"
 
 
 def redirect_of(path: bytes) -> bytes | None:
-    return _get(path, REDIRECT) or _get(path, _USER_REDIRECT)
+    return _get(path, REDIRECT)
 
 
 def is_metacopy(path: bytes) -> bool:
