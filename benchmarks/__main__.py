@@ -1,11 +1,11 @@
-"""Command line: `python -m benchmarks overlay [--runs N] [--quick] [--skip SYSTEM] [--out DIR]`."""
+"""Command line: `python -m benchmarks overlay|images [--runs N] [--quick] [--out DIR] ...`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import overlay
+from benchmarks import images, overlay
 
 
 def main(argv: list[str]) -> int:
@@ -15,8 +15,12 @@ def main(argv: list[str]) -> int:
         commands.add_parser("overlay", help="copy-on-write benchmark against fuse-overlayfs, "
                             "the kernel's overlayfs and a plain directory")
     )
+    images.add_arguments(
+        commands.add_parser("images", help="import, load, mount, commit and pull against umoci, "
+                            "skopeo, fuse-overlayfs and the kernel's overlayfs")
+    )
     args = parser.parse_args(argv)
-    return overlay.main(args)
+    return images.main(args) if args.command == "images" else overlay.main(args)
 
 
 if __name__ == "__main__":
