@@ -9,14 +9,21 @@ from pathlib import Path
 
 import click
 
-from layerfs.cli.commands_images import since
-from layerfs.cli.main import Context, cli, handle_errors, human_size, parse_refs, pass_ctx, table
+from layerfs.cli.main import (
+    Context,
+    cli,
+    handle_errors,
+    human_size,
+    parse_refs,
+    pass_ctx,
+    since,
+    table,
+)
 from layerfs.cli.pulling import resolve_or_pull
 from layerfs.compression import Compression
 from layerfs.errors import NotFoundError
-from layerfs.services import commit as commit_service
 from layerfs.services import containers as containers_service
-from layerfs.services import run as run_service
+from layerfs.store.atomic import release_staging
 
 
 @cli.command()
@@ -51,6 +58,11 @@ def mount(ctx: Context, source: str, mountpoint: str, name: str | None, foregrou
             raise
     if not foreground:
         click.echo(container.id)
+        # The mount answers and nothing is left to do: skip the interpreter's teardown of
+        # trio and pyfuse3 (~50 ms, a sixth of the command's time).
+        sys.stdout.flush()
+        release_staging()
+        os._exit(0)
 
 
 @cli.command()
@@ -136,6 +148,8 @@ def commit(
     store = ctx.store
     found = containers_service.find(store, container)
     refs = parse_refs([repository] if repository else [])
+    from layerfs.services import commit as commit_service
+
     image = commit_service.commit(
         store,
         found,
@@ -180,6 +194,8 @@ def run(
     user: str | None,
 ) -> None:
     """Run a command in a new container of IMAGE (its Entrypoint/Cmd by default)."""
+    from layerfs.services import run as run_service
+
     store = ctx.store
     img = resolve_or_pull(store, image)
     process = None

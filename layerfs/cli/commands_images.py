@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import sys
 from pathlib import Path
@@ -18,46 +17,18 @@ from layerfs.cli.main import (
     human_size,
     parse_refs,
     pass_ctx,
+    since,
     table,
 )
 from layerfs.compression import Compression
 from layerfs.errors import LayerfsError, UsageError
 from layerfs.reference import Reference
-from layerfs.services import archive
 from layerfs.services import images as images_service
-from layerfs.services.importing import import_tarball
 
 if TYPE_CHECKING:
     import io
 
     from layerfs.store.store import Image
-
-
-def since(timestamp: str | None) -> str:
-    """Docker's CREATED column: '3 days ago'."""
-    if not timestamp:
-        return "N/A"
-    try:
-        then = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
-        return timestamp
-    if then.tzinfo is None:
-        then = then.replace(tzinfo=dt.UTC)
-    seconds = (dt.datetime.now(dt.UTC) - then).total_seconds()
-    for unit, length in (
-        ("year", 31536000),
-        ("month", 2592000),
-        ("week", 604800),
-        ("day", 86400),
-        ("hour", 3600),
-        ("minute", 60),
-    ):
-        if seconds >= length:
-            count = int(seconds // length)
-            return f"{count} {unit}{'s' if count > 1 else ''} ago"
-    if seconds < 2:
-        return "Less than a second ago" if seconds < 1 else "1 second ago"
-    return f"{int(seconds)} seconds ago"
 
 
 @cli.command("import")
@@ -89,6 +60,8 @@ def import_(
     compression: str,
 ) -> None:
     """Make a one-layer image from a root filesystem tarball (FILE, or - for stdin)."""
+    from layerfs.services.importing import import_tarball
+
     refs = parse_refs([repository] if repository else [])
     if source == "-":
         stdin = cast("io.BufferedReader", sys.stdin.buffer)
@@ -376,6 +349,8 @@ def load(ctx: Context, source: Path, repository: str | None) -> None:
         named = Reference.parse(repository)
         if named.digest is not None or ":" in repository.rsplit("/", 1)[-1]:
             raise UsageError(f"{repository}: --repository takes a name without tag or digest")
+    from layerfs.services import archive
+
     for loaded in archive.load(ctx.store, source, repository):
         if loaded.refs:
             for ref in loaded.refs:
@@ -397,6 +372,8 @@ def load(ctx: Context, source: Path, repository: str | None) -> None:
 @handle_errors
 def save(ctx: Context, names: tuple[str, ...], output: Path | None) -> None:
     """Save images to one archive that docker load and OCI tools both read."""
+    from layerfs.services import archive
+
     chosen = []
     for name in names:
         image = images_service.resolve(ctx.store, name)

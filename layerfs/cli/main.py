@@ -6,6 +6,7 @@ traceback). Tables look like docker's, so that habits carry over.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import importlib
 import json
@@ -136,6 +137,33 @@ def parse_refs(texts: tuple[str, ...] | list[str]) -> list[Reference]:
         if ref.digest is not None:
             raise UsageError(f"{ref}: a tag cannot name a digest")
     return refs
+
+
+def since(timestamp: str | None) -> str:
+    """Docker's CREATED column: '3 days ago'."""
+    if not timestamp:
+        return "N/A"
+    try:
+        then = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return timestamp
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=dt.UTC)
+    seconds = (dt.datetime.now(dt.UTC) - then).total_seconds()
+    for unit, length in (
+        ("year", 31536000),
+        ("month", 2592000),
+        ("week", 604800),
+        ("day", 86400),
+        ("hour", 3600),
+        ("minute", 60),
+    ):
+        if seconds >= length:
+            count = int(seconds // length)
+            return f"{count} {unit}{'s' if count > 1 else ''} ago"
+    if seconds < 2:
+        return "Less than a second ago" if seconds < 1 else "1 second ago"
+    return f"{int(seconds)} seconds ago"
 
 
 def echo_json(doc: Any) -> None:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from layerfs.errors import StoreError, UsageError
 from layerfs.reference import Reference
 from layerfs.services import containers as containers_service
-from layerfs.services.importing import SCRATCH, scratch
 from layerfs.store import atomic
 from layerfs.store.lock import locked
 from layerfs.store.state import State
@@ -22,9 +21,14 @@ if TYPE_CHECKING:
     from layerfs.store.store import Image, Store
 
 
+SCRATCH = "scratch"
+
+
 def resolve(store: Store, text: str) -> Image:
     """An image by reference or id; `scratch` is the empty image, made on first use."""
     if text == SCRATCH:
+        from layerfs.services.importing import scratch  # the import machinery, on demand
+
         return scratch(store)
     return store.resolve(text)
 

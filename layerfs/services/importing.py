@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from layerfs.reference import Reference
     from layerfs.store.store import Image, Store
 
-SCRATCH = "scratch"
 
 _ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
            "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}

@@ -70,6 +70,12 @@ def process_tmp(tmp_root: Path) -> Path:
 _registered: set[Path] = set()
 
 
+def release_staging() -> None:
+    """Remove this process's (empty) staging dirs now, for a process about to `os._exit`."""
+    for path in list(_registered):
+        _remove_if_empty(path)
+
+
 def _remove_if_empty(path: Path) -> None:
     if path.name == str(os.getpid()):  # not in a forked child that inherited the handler
         with contextlib.suppress(OSError):
