@@ -821,3 +821,25 @@ def test_fake_cut_layer_is_resumed_with_range(fake_registry: FakeRegistry, size:
 def test_wait_for_reports_what_it_waited_for() -> None:
     with pytest.raises(AssertionError, match="the impossible"):
         wait_for(lambda: False, "the impossible", timeout=0.05)
+
+
+@needs("push")
+def test_a_big_layer_goes_up_in_chunks(seeded: Seeded, client: LayerfsStore,
+                                       skopeo_tool: Skopeo, tmp_path: Path) -> None:
+    reg = seeded.registry
+    big = os.urandom(40 << 20)  # incompressible: the gzip blob stays above the chunk size
+    tarball = tmp_path / "big.tar"
+    with tarfile.open(tarball, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("data/big.bin")
+        info.size, info.mode, info.mtime = len(big), 0o644, 1_600_000_000
+        tar.addfile(info, io.BytesIO(big))
+    ref = reg.ref("test/big:1")
+    client.ok("import", str(tarball), ref)
+    mark = reg.log_mark()
+    client.ok("push", ref)
+    sent = uploads(reg, mark, "test/big")
+    assert sum(1 for line in sent if line.startswith("PATCH")) >= 2, sent
+    assert skopeo_tool.inspect(ref)["Digest"] == client.inspect(ref)["Manifest"]["Digest"]
+    other = LayerfsStore(tmp_path / "store2", client.home)
+    other.ok("pull", ref)
+    assert other.inspect(ref)["Id"] == client.inspect(ref)["Id"]
