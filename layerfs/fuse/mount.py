@@ -112,6 +112,7 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
     with _work_lock(spec):
         if spec.work is not None:
             copyup.clean_work(os.fsencode(spec.work))
+            _remove_marker(spec)  # a killed predecessor's
         engine = Engine(
             [os.fsencode(p) for p in spec.lowers],
             os.fsencode(spec.upper) if spec.upper is not None else None,
@@ -121,8 +122,9 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
         options = set(spec.fuse_options) | {f"fsname={spec.fsname}", "subtype=layerfs"}
         if spec.upper is None:
             options.add("ro")
+        operations = OverlayOperations(engine)
         try:
-            pyfuse3.init(OverlayOperations(engine), spec.mountpoint, options)
+            pyfuse3.init(operations, spec.mountpoint, options)
         except RuntimeError as exc:
             raise MountError(f"{spec.mountpoint}: cannot mount: {exc}") from None
         signalled = False
@@ -135,11 +137,20 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
 
                     async def watch_signals() -> None:
                         nonlocal signalled
-                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                            async for _sig in sigs:
-                                signalled = True
-                                pyfuse3.terminate()
-                                return
+                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                                       FREEZE_SIGNAL, THAW_SIGNAL) as sigs:
+                            async for sig in sigs:
+                                if sig == FREEZE_SIGNAL:
+                                    await operations.freeze()
+                                    _write_marker(spec)
+                                elif sig == THAW_SIGNAL:
+                                    _remove_marker(spec)
+                                    operations.thaw()
+                                else:
+                                    signalled = True
+                                    operations.thaw()
+                                    pyfuse3.terminate()
+                                    return
 
                     nursery.start_soon(watch_signals)
                     await pyfuse3.main(1, MAX_WORKERS)
@@ -149,6 +160,28 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
         finally:
             # after `fusermount3 -u` the mount is gone already; unmount only what is ours
             pyfuse3.close(unmount=signalled or os.path.ismount(spec.mountpoint))
+
+
+FREEZE_SIGNAL = signal.SIGUSR1
+THAW_SIGNAL = signal.SIGUSR2
+FROZEN_MARKER = ".frozen"
+"""In the work dir while the daemon holds all changes to the upper dir (see `freeze`)."""
+
+
+def frozen_marker(work: str) -> str:
+    return os.path.join(work, FROZEN_MARKER)
+
+
+def _write_marker(spec: OverlaySpec) -> None:
+    if spec.work is not None:
+        with open(frozen_marker(spec.work), "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def _remove_marker(spec: OverlaySpec) -> None:
+    if spec.work is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(frozen_marker(spec.work))
 
 
 def mount_overlay(spec: OverlaySpec, *, foreground: bool = False) -> int:

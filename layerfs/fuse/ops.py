@@ -13,6 +13,7 @@ not thread-safe).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -23,7 +24,7 @@ import pyfuse3
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Sequence
+    from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 
     from layerfs.overlay.engine import Attr, Engine, Handle
     from layerfs.overlay.nodes import Node
@@ -61,6 +62,19 @@ def fuse_handler(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
     return wrapper
 
 
+def mutating(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """A request that changes the upper dir: it waits while the mount is frozen (commit)."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        ops = args[0]
+        assert isinstance(ops, OverlayOperations)
+        async with ops.mutation():
+            return await func(*args, **kwargs)
+
+    return wrapper
+
+
 class _DirHandle:
     __slots__ = ("names", "node")
 
@@ -80,8 +94,41 @@ class OverlayOperations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
         self._copy_up_locks: dict[int, trio.Lock] = {}
+        self._thawed: trio.Event | None = None  # set while frozen; fires on thaw
+        self._mutations = 0
+        self._quiet = trio.Event()
         # Attributes of objects that live in a lower layer only never change: made once.
         self._lower_entries: dict[tuple[int, int], pyfuse3.EntryAttributes] = {}
+
+    # -------------------------------------------------------------- freezing
+    @contextlib.asynccontextmanager
+    async def mutation(self) -> AsyncIterator[None]:
+        while self._thawed is not None:
+            await self._thawed.wait()
+        self._mutations += 1
+        try:
+            yield
+        finally:
+            self._mutations -= 1
+            if not self._mutations:
+                self._quiet.set()
+
+    async def freeze(self) -> None:
+        """Hold every request that would change the upper dir; return once none is running.
+
+        What `commit` of a live container asks for (docker pauses a container to commit it):
+        the upper dir is then a consistent snapshot until `thaw`.
+        """
+        if self._thawed is None:
+            self._thawed = trio.Event()
+        while self._mutations:
+            self._quiet = trio.Event()
+            await self._quiet.wait()
+
+    def thaw(self) -> None:
+        if self._thawed is not None:
+            self._thawed.set()
+            self._thawed = None
 
     # -------------------------------------------------------------- helpers
     def _node(self, inode: int) -> Node:
@@ -171,6 +218,7 @@ class OverlayOperations(pyfuse3.Operations):
         return self._node_entry(self._node(inode))
 
     @fuse_handler
+    @mutating
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
         fh: int | None, ctx: pyfuse3.RequestContext,
@@ -214,6 +262,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     # -------------------------------------------------------------- creating and removing
     @fuse_handler
+    @mutating
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int,
         ctx: pyfuse3.RequestContext,
@@ -222,6 +271,7 @@ class OverlayOperations(pyfuse3.Operations):
         return self._node_entry(node)
 
     @fuse_handler
+    @mutating
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -229,6 +279,7 @@ class OverlayOperations(pyfuse3.Operations):
         return self._node_entry(node)
 
     @fuse_handler
+    @mutating
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -236,6 +287,7 @@ class OverlayOperations(pyfuse3.Operations):
         return self._node_entry(node)
 
     @fuse_handler
+    @mutating
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -245,14 +297,17 @@ class OverlayOperations(pyfuse3.Operations):
         return self._node_entry(node)
 
     @fuse_handler
+    @mutating
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._engine.unlink(self._node(parent_inode), name)
 
     @fuse_handler
+    @mutating
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._engine.rmdir(self._node(parent_inode), name)
 
     @fuse_handler
+    @mutating
     async def rename(
         self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
         flags: int, ctx: pyfuse3.RequestContext,
@@ -274,6 +329,7 @@ class OverlayOperations(pyfuse3.Operations):
         return self._engine.listxattr(self._node(inode))
 
     @fuse_handler
+    @mutating
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
@@ -281,6 +337,7 @@ class OverlayOperations(pyfuse3.Operations):
         self._engine.setxattr(node, name, value)
 
     @fuse_handler
+    @mutating
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._engine.removexattr(self._node(inode), name)
 
@@ -294,11 +351,15 @@ class OverlayOperations(pyfuse3.Operations):
     @fuse_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_TRUNC:
-            await self._copy_up(node)
-        return self._file_info(self._engine.open(node, flags))
+        if not flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            return self._file_info(self._engine.open(node, flags))
+        async with self.mutation():
+            if not flags & os.O_TRUNC:
+                await self._copy_up(node)
+            return self._file_info(self._engine.open(node, flags))
 
     @fuse_handler
+    @mutating
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int,
         ctx: pyfuse3.RequestContext,
@@ -313,6 +374,7 @@ class OverlayOperations(pyfuse3.Operations):
         return self._engine.read(self._files[fh], off, size)
 
     @fuse_handler
+    @mutating
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return self._engine.write(self._files[fh], off, buf)
 

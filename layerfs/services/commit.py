@@ -17,7 +17,6 @@ import copy
 import io
 import os
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from layerfs.compression import Compression
@@ -27,7 +26,6 @@ from layerfs.services import containers as containers_service
 from layerfs.services.changes import apply_changes
 from layerfs.services.importing import store_image
 from layerfs.services.layers import NewLayer, add_tar_stream
-from layerfs.store import atomic
 from layerfs.store.store import now
 from layerfs.tarlayer.write import LayerEntry, write_layer
 
@@ -50,12 +48,11 @@ def commit(
     config: dict[str, Any] = copy.deepcopy(base.config.doc)
     container_config = config.setdefault("config", {})
     apply_changes(container_config, changes or [])  # a bad change fails before any work
-    if containers_service.is_mounted(container) and container.mountpoint is not None:
-        atomic.syncfs(Path(container.mountpoint))
     upper = os.fsencode(containers_service.upper_dir(store, container))
     lowers = [os.fsencode(p) for p in store.lower_dirs(base)]
-    entries = _entries(lowers, upper)
-    layer = _write_and_add(store, entries, f"commit of {container.name}", compression)
+    with containers_service.frozen(store, container):
+        entries = _entries(lowers, upper)
+        layer = _write_and_add(store, entries, f"commit of {container.name}", compression)
 
     created = now()
     config["created"] = created

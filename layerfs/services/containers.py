@@ -16,17 +16,25 @@ import secrets
 import subprocess
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from layerfs.errors import MountError, NotFoundError, StoreError, UsageError
-from layerfs.fuse.mount import OverlaySpec, default_fuse_options, mount_overlay
+from layerfs.fuse.mount import (
+    FREEZE_SIGNAL,
+    THAW_SIGNAL,
+    OverlaySpec,
+    default_fuse_options,
+    frozen_marker,
+    mount_overlay,
+)
 from layerfs.overlay.changes import Change, walk_changes
 from layerfs.store import atomic
 from layerfs.store.lock import locked
 from layerfs.store.store import now
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Iterator
 
     from layerfs.store.store import Image, Store
 
@@ -213,6 +221,31 @@ def _running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in (b"Z", b"X")
+
+
+@contextlib.contextmanager
+def frozen(store: Store, container: Container, timeout: float = 60.0) -> Iterator[None]:
+    """The container's upper dir held still: a mounted container's daemon holds every change
+    until the block ends (docker pauses a container to commit it). Unmounted: nothing to do."""
+    if not is_mounted(container) or container.pid is None or container.mountpoint is None:
+        yield
+        return
+    atomic.syncfs(Path(container.mountpoint))
+    marker = Path(frozen_marker(str(store.layout.container(container.id) / "work")))
+    os.kill(container.pid, FREEZE_SIGNAL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            if not _running(container.pid):
+                raise MountError(f"{container.name}: the mount daemon is gone")
+            if time.monotonic() > deadline:
+                raise MountError(f"{container.name}: the mount did not hold still in "
+                                 f"{timeout:.0f} s")
+            time.sleep(0.002)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(container.pid, THAW_SIGNAL)
 
 
 def remove(store: Store, container: Container, *, force: bool = False) -> None:
