@@ -6,14 +6,17 @@ from __future__ import annotations
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from layerfs.services import containers as containers_service
 from layerfs.store.store import Store
 from tests.fsapi import VENV_BIN, is_mounted
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
 
 LAYERFS = str(VENV_BIN / "layerfs")
 
