@@ -224,3 +224,13 @@ def test_concurrent_writers_of_a_big_lower_file_share_one_copy_up(
     assert listing == ["big"]
     assert merged == bytes(expected)
     assert (upper / "big").read_bytes() == bytes(expected)
+
+
+def test_o_direct_writes_of_any_size_work(layers: Layers, mnt: Path) -> None:
+    with mounted_overlay(layers, mnt):
+        fd = os.open(mnt / "direct", os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o644)
+        try:
+            assert os.write(fd, b"x" * 100) == 100  # not a multiple of the block size
+        finally:
+            os.close(fd)
+        assert (mnt / "direct").read_bytes() == b"x" * 100

@@ -36,6 +36,9 @@ NAME_MAX = 255
 SLOW_COPY_UP_BYTES = 1 << 20
 """Copy-ups moving more data than this are worth a worker thread (see `CopyUpJob`)."""
 _ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
+# Open flags that stay with the caller's open: the kernel has applied them (creation), or they
+# would only break our buffered requests on the real file (O_DIRECT wants aligned buffers).
+_NOT_PASSED = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 
 
 def _err(code: int, what: bytes | str = "") -> OSError:
@@ -670,7 +673,7 @@ class Engine:
             return node, self.open(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
         uid, gid, _extra = self._owner(parent, uid, gid, False)
         real = self.upper_child(parent, name)
-        keep = flags & ~(_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY)
+        keep = flags & ~(_ACCMODE | _NOT_PASSED | os.O_TRUNC)
         fd = os.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, 0o600)
         try:
@@ -905,7 +908,7 @@ class Engine:
             self._require_upper()
             self.copy_up(node, data_len=0 if flags & os.O_TRUNC else None)
         real = self.data_path(node)
-        open_flags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC
+        open_flags = flags & ~_NOT_PASSED | os.O_CLOEXEC
         fd = os.open(real, open_flags | os.O_NOFOLLOW)
         node.opens += 1
         node.open_fds.append(fd)
