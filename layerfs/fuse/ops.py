@@ -26,8 +26,9 @@ import trio
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 
-    from layerfs.overlay.engine import Attr, Engine, Handle
+    from layerfs.overlay.engine import Engine, Handle
     from layerfs.overlay.nodes import Node
+    from layerfs.overlay.tree import Attr
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from layerfs import overlay_xattrs as xattrs
-from layerfs.overlay.engine import Engine
 from layerfs.overlay.lowers import is_whiteout_stat
+from layerfs.overlay.tree import MergedTree
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -45,11 +45,11 @@ class Change:
 
 
 def walk_changes(lowers: list[bytes], upper: bytes) -> Iterator[Change]:
-    engine = Engine(lowers, upper, None)
+    engine = MergedTree(lowers, upper)
     yield from _walk_upper(engine, engine.nodes.root, b"")
 
 
-def _walk_upper(engine: Engine, node: Node, prefix: bytes) -> Iterator[Change]:
+def _walk_upper(engine: MergedTree, node: Node, prefix: bytes) -> Iterator[Change]:
     real_dir = engine.real_path(node)
     with os.scandir(real_dir) as it:
         names = sorted(entry.name for entry in it)
@@ -80,7 +80,7 @@ def _walk_upper(engine: Engine, node: Node, prefix: bytes) -> Iterator[Change]:
             yield from _walk_upper(engine, child, path + b"/")
 
 
-def _walk_merged(engine: Engine, node: Node, prefix: bytes) -> Iterator[Change]:
+def _walk_merged(engine: MergedTree, node: Node, prefix: bytes) -> Iterator[Change]:
     """Everything the merged tree shows under `node`, as additions."""
     for name in engine.listdir(node):
         child = engine.child(node, name)

@@ -1,0 +1,381 @@
+"""The merged tree, read side: lookups, listings, attributes and inode numbers over lower
+dirs (top first) and an upper dir in the kernel overlayfs on-disk format.
+
+Owns how a merged name resolves (top-down, stopping at whiteouts and opaque dirs, following
+the kernel's `redirect` xattr), which node and number an object gets, and what `stat`,
+`readdir` and `getxattr` show. Changes are `engine.Engine`'s, which builds on this class.
+
+Synchronous and not thread-safe: the caller serializes calls. Errors are `OSError` with the
+errno the kernel's overlayfs answers; names are bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from layerfs import overlay_xattrs as xattrs
+from layerfs.overlay.lowers import WHITEOUT, Hidden, LowerLayers, is_whiteout_stat
+from layerfs.overlay.nodes import ROOT_INO, UPPER, Node, NodeTable, make_ino
+
+NAME_MAX = 255
+
+def os_error(code: int, what: bytes | str = "") -> OSError:
+    """The OSError a system call would raise with `code`."""
+    return OSError(code, os.strerror(code), what)
+
+
+@dataclass(slots=True, frozen=True)
+class Attr:
+    """What `stat` shows for a node: the real object's stat with the merged number."""
+
+    ino: int
+    generation: int
+    st: os.stat_result
+    nlink: int
+    blocks: int
+
+
+@dataclass(slots=True)
+class Found:
+    """Where a merged name lives: the top object, and for a directory what merges beneath."""
+
+    is_dir: bool
+    layer: int
+    real: bytes
+    st: os.stat_result
+    lowers: tuple[tuple[int, bytes], ...] = ()
+    bottom_st: os.stat_result | None = None
+    data: tuple[int, bytes, os.stat_result] | None = None
+    """For an upper file with metadata only: the lower file that holds its data."""
+
+
+
+
+class MergedTree:
+    def __init__(self, lowers: list[bytes], upper: bytes | None) -> None:
+        self.lowers = LowerLayers([os.path.abspath(p) for p in lowers])
+        self.upper = os.path.abspath(upper) if upper is not None else None
+        root = Node(ino=ROOT_INO, is_dir=True)
+        root.in_upper = self.upper is not None
+        self.nodes = NodeTable(root)
+        self._init_root(root)
+
+    def _init_root(self, root: Node) -> None:
+        plan = [(layer, self.lowers.root(layer)) for layer in range(1, self.lowers.count + 1)]
+        lowers: list[tuple[int, bytes]] = []
+        if self.upper is not None and xattrs.is_opaque_dir(self.upper):
+            plan = []
+        for layer, real in plan:
+            listing = self.lowers.listing(real)
+            if listing is None:
+                raise os_error(errno.ENOENT, real)
+            lowers.append((layer, real))
+            if listing.opaque:
+                break
+        root.lowers = tuple(lowers)
+
+    def _upper_path(self, node: Node) -> bytes:
+        assert self.upper is not None
+        if node.is_dir:
+            return self.upper + node.path()
+        for parent, name in node.links:
+            return self.upper + parent.path() + b"/" + name
+        raise os_error(errno.ENOENT)
+
+    def data_path(self, node: Node) -> bytes:
+        """The real file that holds `node`'s data now: the lower one for a metadata-only copy."""
+        if node.metacopy and node.lower is not None:
+            return node.lower[1]
+        return self.real_path(node)
+
+    def real_path(self, node: Node) -> bytes:
+        """The real object that holds `node`'s attributes now (and its data, but see
+        `data_path`)."""
+        if node.in_upper:
+            return self._upper_path(node)
+        if node.is_dir:
+            return node.lowers[0][1]
+        assert node.lower is not None
+        return node.lower[1]
+
+    def _lookup(self, parent: Node, name: bytes) -> Found | None:
+        """Resolve `name` in directory `parent`, top-down, as the kernel's ovl_lookup does."""
+        top: Found | None = None
+        plan: list[tuple[int, bytes, bytes]] | None = None
+        if parent.in_upper:
+            real = self._upper_path(parent) + b"/" + name
+            try:
+                st = os.lstat(real)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if is_whiteout_stat(st):
+                    return None
+                if not stat.S_ISDIR(st.st_mode):
+                    found = Found(False, UPPER, real, st)
+                    if stat.S_ISREG(st.st_mode) and xattrs.is_metacopy(real):
+                        found.data = self._lower_data(parent, name)
+                    return found
+                top = Found(True, UPPER, real, st, bottom_st=st)
+                if xattrs.is_opaque_dir(real):
+                    return top
+                redirect = xattrs.redirect_of(real)
+                if redirect is not None:
+                    plan = self._redirect_plan(parent, UPPER, redirect)
+        if plan is None:
+            plan = [(layer, pdir, name) for layer, pdir in parent.lowers]
+        lowers: list[tuple[int, bytes]] = []
+        i = 0
+        while i < len(plan):
+            layer, pdir, nm = plan[i]
+            i += 1
+            listing = self.lowers.listing(pdir)
+            if listing is None:
+                continue
+            entry = listing.classify(nm)
+            if entry is None:
+                continue
+            if isinstance(entry, Hidden):
+                break
+            st = entry.stat(follow_symlinks=False)
+            real = pdir + b"/" + nm
+            if not stat.S_ISDIR(st.st_mode):
+                if top is None:
+                    return Found(False, layer, real, st)
+                break
+            if top is None:
+                top = Found(True, layer, real, st)
+            lowers.append((layer, real))
+            top.bottom_st = st
+            sub = self.lowers.listing(real)
+            if sub is None or sub.opaque:
+                break
+            if sub.redirect is not None:
+                plan = self._redirect_plan(parent, layer, sub.redirect)
+                i = 0
+        if top is not None:
+            top.lowers = tuple(lowers)
+        return top
+
+    def _lower_data(self, parent: Node, name: bytes) -> tuple[int, bytes, os.stat_result] | None:
+        """The lower regular file under `name` that a metadata-only upper copy stands on."""
+        for layer, pdir in parent.lowers:
+            listing = self.lowers.listing(pdir)
+            if listing is None:
+                continue
+            entry = listing.classify(name)
+            if entry is None:
+                continue
+            if isinstance(entry, Hidden):
+                return None
+            st = entry.stat(follow_symlinks=False)
+            return (layer, pdir + b"/" + name, st) if stat.S_ISREG(st.st_mode) else None
+        return None
+
+    def _redirect_plan(
+        self, parent: Node, layer: int, redirect: bytes
+    ) -> list[tuple[int, bytes, bytes]]:
+        """Where lookup goes on below `layer` for a directory with a redirect xattr."""
+        parts = [p for p in redirect.split(b"/") if p]
+        if not parts or any(p in (b".", b"..") for p in parts):
+            return []  # a redirect that names nothing or climbs out: look no further
+        if redirect.startswith(b"/"):
+            head = b"".join(b"/" + p for p in parts[:-1])
+            return [
+                (k, self.lowers.root(k) + head, parts[-1])
+                for k in range(layer + 1, self.lowers.count + 1)
+            ]
+        if len(parts) != 1:
+            return []
+        return [(k, pdir, parts[0]) for k, pdir in parent.lowers if k > layer]
+
+    def _ino_of(self, found: Found) -> int:
+        if found.is_dir:
+            bottom_layer = found.lowers[-1][0] if found.lowers else found.layer
+            assert found.bottom_st is not None
+            return make_ino(bottom_layer, found.bottom_st.st_ino)
+        if found.layer == UPPER:
+            origin = xattrs.origin_ino(found.real)
+            if origin is not None:
+                return origin
+        return make_ino(found.layer, found.st.st_ino)
+
+    def _attach(self, parent: Node, name: bytes, found: Found) -> Node:
+        """The node for a resolved name, its location brought up to date."""
+        node = self.nodes.claim(self._ino_of(found), found.is_dir)
+        if found.is_dir:
+            node.parent, node.name = parent, name
+            node.lowers = found.lowers
+            node.in_upper = found.layer == UPPER
+        else:
+            node.links.add((parent, name))
+            if found.layer == UPPER:
+                node.in_upper = True
+                node.metacopy = found.data is not None
+                if found.data is not None:
+                    node.lower, node.lower_st = found.data[:2], found.data[2]
+            else:
+                node.in_upper = False
+                node.lower = (found.layer, found.real)
+                node.lower_st = found.st
+        return node
+
+    def lookup(self, parent: Node, name: bytes) -> Node:
+        """The node named `name` in `parent` (ENOENT, ENAMETOOLONG); one more kernel lookup."""
+        node = self._lookup_node(parent, name)
+        node.lookups += 1
+        return node
+
+    def _lookup_node(self, parent: Node, name: bytes) -> Node:
+        if name == b".":
+            return parent
+        if name == b"..":
+            return parent.parent or parent
+        if len(name) > NAME_MAX:
+            raise os_error(errno.ENAMETOOLONG, name)
+        found = self._lookup(parent, name)
+        if found is None:
+            raise os_error(errno.ENOENT, name)
+        return self._attach(parent, name, found)
+
+    def forget(self, ino: int, count: int) -> None:
+        self.nodes.forget(ino, count)
+
+    def getattr(self, node: Node) -> Attr:
+        if node.in_upper and not node.is_dir and not node.links and node.open_fds:
+            st = os.fstat(node.open_fds[0])  # unlinked, still open
+        elif node.in_upper:
+            st = os.lstat(self._upper_path(node))
+        elif node.is_dir:
+            listing = self.lowers.listing(node.lowers[0][1])
+            assert listing is not None
+            st = listing.st
+        else:
+            assert node.lower_st is not None
+            st = node.lower_st
+        nlink = st.st_nlink
+        if node.is_dir and (len(node.lowers) + node.in_upper) > 1:
+            nlink = 1  # as the kernel: counting subdirectories of a merge is not worth it
+        blocks = st.st_blocks
+        if node.metacopy and node.lower_st is not None:
+            blocks = node.lower_st.st_blocks  # as the kernel: the data's blocks
+        return Attr(node.ino, node.generation, st, nlink, blocks)
+
+    def readlink(self, node: Node) -> bytes:
+        return os.readlink(self.real_path(node))
+
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        return os.getxattr(self.real_path(node), xattrs.to_real(name), follow_symlinks=False)
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        names = os.listxattr(self.real_path(node), follow_symlinks=False)
+        visible = (xattrs.to_visible(n.encode()) for n in names)
+        return [n for n in visible if n is not None]
+
+    def listdir(self, node: Node) -> list[bytes]:
+        """The merged names of a directory, computed once until the directory changes."""
+        if node.listing is None:
+            node.listing = self._merge_listing(node)
+        return node.listing
+
+    def _merge_listing(self, node: Node) -> list[bytes]:
+        seen: dict[bytes, None] = {}
+        hidden: set[bytes] = set()
+        if node.in_upper:
+            with os.scandir(self._upper_path(node)) as it:
+                for entry in it:
+                    if _maybe_device(entry) and is_whiteout_stat(entry.stat(follow_symlinks=False)):
+                        hidden.add(entry.name)
+                    else:
+                        seen[entry.name] = None
+        for _layer, real in node.lowers:
+            listing = self.lowers.listing(real)
+            if listing is None:
+                continue
+            for name in listing.entries:
+                if name in seen or name in hidden:
+                    continue
+                if listing.classify(name) is WHITEOUT:
+                    hidden.add(name)
+                else:
+                    seen[name] = None
+            hidden |= listing.whiteouts
+        return sorted(seen)
+
+    def child(self, node: Node, name: bytes) -> Node | None:
+        """The node of `name` in `parent` without counting a lookup; None if there is none.
+
+        Remembered until the directory changes, so that a repeated readdir is dict lookups.
+        """
+        ino = node.child_inos.get(name)
+        if ino is not None:
+            cached = self.nodes.get(ino)
+            if cached is not None and not cached.dead:
+                return cached
+        found = self._lookup(node, name)
+        if found is None:
+            return None
+        child = self._attach(node, name, found)
+        node.child_inos[name] = child.ino
+        return child
+
+    def is_empty(self, node: Node) -> bool:
+        return not self.listdir(node)
+
+    def upper_child(self, parent: Node, name: bytes) -> bytes:
+        return self._upper_path(parent) + b"/" + name
+
+    def lower_has(self, parent: Node, name: bytes) -> bool:
+        """Whether the lower layers show `name` in `parent` (so deleting it needs a whiteout)."""
+        for _layer, pdir in parent.lowers:
+            listing = self.lowers.listing(pdir)
+            if listing is None:
+                continue
+            entry = listing.classify(name)
+            if entry is WHITEOUT:
+                return False
+            if entry is not None:
+                return True
+        return False
+
+    @staticmethod
+    def _is_upper_whiteout(real: bytes) -> bool:
+        try:
+            return is_whiteout_stat(os.lstat(real))
+        except FileNotFoundError:
+            return False
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.upper if self.upper is not None else self.lowers.root(1))
+
+    def access(self, node: Node, mode: int, uid: int, gids: list[int]) -> None:
+        """access(2) from the attributes (EACCES), as the kernel's generic_permission does."""
+        if mode == os.F_OK:
+            return
+        if mode & os.W_OK and self.upper is None:
+            raise os_error(errno.EROFS)
+        st = self.getattr(node).st
+        if uid == 0:
+            if mode & os.X_OK and not node.is_dir and not st.st_mode & 0o111:
+                raise os_error(errno.EACCES)
+            return
+        if st.st_uid == uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid in gids:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        if mode & ~bits & 7:
+            raise os_error(errno.EACCES)
+
+
+def _maybe_device(entry: os.DirEntry[bytes]) -> bool:
+    """d_type says neither dir, file nor symlink: a device, fifo or socket, worth a stat."""
+    return not (
+        entry.is_dir(follow_symlinks=False)
+        or entry.is_file(follow_symlinks=False)
+        or entry.is_symlink()
+    )
