@@ -55,7 +55,9 @@ class _Source:
             try:
                 self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
             except (tarfile.TarError, OSError) as exc:
-                raise StoreError(f"{path}: not an archive or an OCI layout: {exc}") from None
+                reason = str(exc).splitlines()[0].rstrip(":") if str(exc) else "unreadable"
+                raise StoreError(f"{path}: not a tar archive or an OCI layout ({reason})") \
+                    from None
             self._members = {m.name.removeprefix("./"): m for m in self._tar.getmembers()}
 
     def close(self) -> None:
