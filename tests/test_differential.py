@@ -720,3 +720,20 @@ def test_user_overlay_xattrs_are_plain(differential: Differential) -> None:
     )
     assert steps[3].kernel == ("ok", ["f1", "f2", "hl2", "sub"])
     assert steps[8].kernel == ("ok", ["deep", "inner"])
+
+
+def test_rename_over_one_name_of_lower_hard_link(differential: Differential) -> None:
+    steps = differential.run(
+        [
+            Rename("a/f1", "hl1"),
+            Stat("a/hl2"),
+            Read("hl1"),
+            Link("a/hl2", "merged/new"),
+            Stat("merged/new"),
+            Rename("merged/new", "a/hl2"),
+            Stat("a/hl2"),
+        ]
+    )
+    # The renamed-over name is gone, so its lower partner counts one link (index=on keeps count).
+    l3_time = f"mtime={980_000_000 * 10**9}"
+    assert steps[1].kernel == ("ok", ("file", "0o644", 0, 0, "size=29", "nlink=1", l3_time))
