@@ -401,7 +401,7 @@ class Engine(MergedTree):
             raise os_error(errno.EISDIR, name)
         self._require_upper()
         node = self._attach(parent, name, found)
-        if found.layer != UPPER and found.st.st_nlink > 1 and stat.S_ISREG(found.st.st_mode):
+        if self._in_lower_group(found):
             # one name of a lower hard-linked group goes: the group moves up together first,
             # so that the names left count their links right (as the kernel's index=on does)
             self.copy_up(node)
@@ -428,6 +428,12 @@ class Engine(MergedTree):
         self._remove(parent, name, found)
         node.dead = True
         self.nodes.maybe_drop(node)
+
+    @staticmethod
+    def _in_lower_group(found: Found) -> bool:
+        """A regular file of a lower layer with more than one name."""
+        return (found.layer != UPPER and found.st.st_nlink > 1
+                and stat.S_ISREG(found.st.st_mode))
 
     def _remove(self, parent: Node, name: bytes, found: Found) -> None:
         """Delete a merged name: unlink the upper object, leave a whiteout where a lower shows."""
@@ -510,6 +516,11 @@ class Engine(MergedTree):
         self._copy_up_dir(old_parent)
         self._copy_up_dir(new_parent)
         self.copy_up(snode)
+        if dnode is not None and dst is not None and self._in_lower_group(dst):
+            # the name replaced belongs to a lower hard-linked group: the group moves up first,
+            # so that the names left count their links right (as the kernel's index=on does)
+            self.copy_up(dnode)
+            dst = self._lookup(new_parent, new_name)
         old_real = self.upper_child(old_parent, old_name)
         new_real = self.upper_child(new_parent, new_name)
         if snode.is_dir:
