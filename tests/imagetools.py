@@ -74,7 +74,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) ->
 # -- layer tars -----------------------------------------------------------------------------------
 
 
-def _info(name: str, kind: bytes, mode: int, **kw: object) -> tarfile.TarInfo:
+def tar_info(name: str, kind: bytes, mode: int, **kw: object) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = mode
@@ -85,29 +85,29 @@ def _info(name: str, kind: bytes, mode: int, **kw: object) -> tarfile.TarInfo:
 
 
 def file(name: str, data: bytes = b"", mode: int = 0o644, **kw: object) -> Entry:
-    info = _info(name, tarfile.REGTYPE, mode, **kw)
+    info = tar_info(name, tarfile.REGTYPE, mode, **kw)
     info.size = len(data)
     return info, data
 
 
 def directory(name: str, mode: int = 0o755, **kw: object) -> Entry:
-    return _info(name, tarfile.DIRTYPE, mode, **kw), None
+    return tar_info(name, tarfile.DIRTYPE, mode, **kw), None
 
 
 def symlink(name: str, target: str, **kw: object) -> Entry:
-    return _info(name, tarfile.SYMTYPE, 0o777, linkname=target, **kw), None
+    return tar_info(name, tarfile.SYMTYPE, 0o777, linkname=target, **kw), None
 
 
 def hardlink(name: str, target: str, **kw: object) -> Entry:
-    return _info(name, tarfile.LNKTYPE, 0o644, linkname=target, **kw), None
+    return tar_info(name, tarfile.LNKTYPE, 0o644, linkname=target, **kw), None
 
 
 def device(name: str, kind: bytes, major: int, minor: int, mode: int = 0o666) -> Entry:
-    return _info(name, kind, mode, devmajor=major, devminor=minor), None
+    return tar_info(name, kind, mode, devmajor=major, devminor=minor), None
 
 
 def fifo(name: str, mode: int = 0o644) -> Entry:
-    return _info(name, tarfile.FIFOTYPE, mode), None
+    return tar_info(name, tarfile.FIFOTYPE, mode), None
 
 
 def whiteout(path: str) -> Entry:

@@ -27,6 +27,16 @@ import pytest
 from layerfs.compression import Compression, compress
 from layerfs.errors import LayerError
 from layerfs.tarlayer.read import UnpackLimits, UnpackStats, unpack_layer
+from tests.imagetools import (
+    Entry,
+    device,
+    directory,
+    file,
+    hardlink,
+    make_tar,
+    symlink,
+    tar_info,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -36,52 +46,6 @@ ALPINE = IMAGES / "alpine-minirootfs-3.20.3-x86_64.tar.gz"
 BUSYBOX = IMAGES / "busybox-1.38.0-musl-amd64-oci"
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mknod, chown, trusted.*)")
-
-Entry = tuple[tarfile.TarInfo, bytes | None]
-
-
-# -- building tars --------------------------------------------------------------------------------
-
-
-def _info(name: str, kind: bytes, mode: int, **kw: object) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode = mode
-    info.mtime = 1_600_000_000
-    for key, value in kw.items():
-        setattr(info, key, value)
-    return info
-
-
-def file(name: str, data: bytes = b"", mode: int = 0o644, **kw: object) -> Entry:
-    info = _info(name, tarfile.REGTYPE, mode, **kw)
-    info.size = len(data)
-    return info, data
-
-
-def directory(name: str, mode: int = 0o755, **kw: object) -> Entry:
-    return _info(name, tarfile.DIRTYPE, mode, **kw), None
-
-
-def symlink(name: str, target: str, **kw: object) -> Entry:
-    return _info(name, tarfile.SYMTYPE, 0o777, linkname=target, **kw), None
-
-
-def hardlink(name: str, target: str, **kw: object) -> Entry:
-    return _info(name, tarfile.LNKTYPE, 0o644, linkname=target, **kw), None
-
-
-def device(name: str, kind: bytes, major: int, minor: int, mode: int = 0o666) -> Entry:
-    return _info(name, kind, mode, devmajor=major, devminor=minor), None
-
-
-def make_tar(*entries: Entry, fmt: int = tarfile.PAX_FORMAT) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=fmt, encoding="utf-8") as tar:
-        for info, data in entries:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    return out.getvalue()
-
 
 def raw_header(info: tarfile.TarInfo, fmt: Literal[0, 1, 2] = tarfile.PAX_FORMAT) -> bytes:
     """The header blocks of `info`, with no data: for sizes that tarfile would not write."""
@@ -252,7 +216,8 @@ def test_end_without_end_of_archive_marker_is_an_end(layer: Layer) -> None:
 
 
 def test_unknown_entry_type_is_refused(layer: Layer) -> None:
-    layer.refused(make_tar((_info("v", b"V", 0o644), None)), r"v: unsupported tar entry type 'V'")
+    tar = make_tar((tar_info("v", b"V", 0o644), None))
+    layer.refused(tar, r"v: unsupported tar entry type 'V'")
 
 
 def test_truncated_gzip_is_refused(layer: Layer) -> None:
@@ -416,7 +381,7 @@ def test_special_bits_owners_and_devices_are_kept(layer: Layer) -> None:
         symlink("home/u/link", "f", uid=1000, gid=1001),
         device("dev/null", tarfile.CHRTYPE, 1, 3),
         device("dev/sda", tarfile.BLKTYPE, 8, 0, mode=0o660),
-        (_info("run/fifo", tarfile.FIFOTYPE, 0o620, uid=7, gid=8), None),
+        (tar_info("run/fifo", tarfile.FIFOTYPE, 0o620, uid=7, gid=8), None),
     )
     stats = layer.unpack(tar)
     mode = {
