@@ -7,16 +7,12 @@ row per job, because each job has its own peer (umoci, fuse-overlayfs, skopeo+um
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from benchmarks import report
 from benchmarks.report import _row, _seconds, _table_head
-
-if TYPE_CHECKING:
-    from benchmarks import report
 
 # What `layerfs mount` imports before it can do anything (the daemon forks from that process).
 IMPORTS = "import layerfs.cli.main, layerfs.cli.commands_containers"
@@ -146,15 +142,7 @@ def markdown(results: report.Results, title: str, facts: dict[str, object],
                            _range(summary, row.peer), _range(summary, row.floor)]))
     lines += ["", *_mount_breakdown(summary, import_samples)]
     lines += ["", *_commit_scaling(summary, counts)]
-    if results.loads:
-        loads = [float(str(entry["load1"])) for entry in results.loads]
-        lines += ["", f"1-minute load average as trials started: {min(loads):.1f} - "
-                      f"{max(loads):.1f} (median {statistics.median(loads):.1f}) "
-                      f"on {os.cpu_count()} CPUs."]
-    if results.failures:
-        lines += ["", "Failures:", ""]
-        lines += [f"- {f['system']} / {f['group']} (run {f['run']}): {f['error']}"
-                  for f in results.failures]
+    lines += report.footer(results, "trials")
     return "\n".join(lines) + "\n"
 
 

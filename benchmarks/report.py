@@ -68,16 +68,23 @@ def markdown(results: Results, title: str) -> str:
     lines += ["", "Min - max seconds.", "", *_table_head(["workload", *results.systems])]
     for key, label in results.labels.items():
         lines.append(_row([label, *(_range_cell(summary, key, s) for s in results.systems)]))
+    lines += footer(results, "groups")
+    return "\n".join(lines) + "\n"
+
+
+def footer(results: Results, units: str) -> list[str]:
+    """The load the runs met and what failed, under a table."""
+    lines: list[str] = []
     if results.loads:
         loads = [float(str(entry["load1"])) for entry in results.loads]
-        lines += ["", f"1-minute load average as groups started: {min(loads):.1f} - "
+        lines += ["", f"1-minute load average as {units} started: {min(loads):.1f} - "
                       f"{max(loads):.1f} (median {statistics.median(loads):.1f}) "
                       f"on {os.cpu_count()} CPUs."]
     if results.failures:
         lines += ["", "Failures:", ""]
         lines += [f"- {f['system']} / {f['group']} (run {f['run']}): {f['error']}"
                   for f in results.failures]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def machine_facts(cache_dir: Path) -> dict[str, object]:
