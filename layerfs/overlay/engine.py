@@ -306,9 +306,8 @@ class Engine(MergedTree):
 
     def _new_object(
         self, parent: Node, name: bytes, kind: int, mode: int, uid: int, gid: int,
-        *, rdev: int = 0, target: bytes = b"", prepared: bool | None = None,
+        *, rdev: int = 0, target: bytes = b"", over_whiteout: bool,
     ) -> Node:
-        over_whiteout = self._prepare_create(parent, name) if prepared is None else prepared
         is_dir = kind == stat.S_IFDIR
         uid, gid, extra = self._owner(parent, uid, gid, is_dir)
         tmp = copyup.work_name(self._work())
@@ -334,7 +333,8 @@ class Engine(MergedTree):
         return node
 
     def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
-        return self._new_object(parent, name, stat.S_IFDIR, mode, uid, gid)
+        return self._new_object(parent, name, stat.S_IFDIR, mode, uid, gid,
+                                over_whiteout=self._prepare_create(parent, name))
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
         kind = stat.S_IFMT(mode)
@@ -342,10 +342,12 @@ class Engine(MergedTree):
             raise os_error(errno.EINVAL, name)
         if kind == stat.S_IFCHR and rdev == 0:
             raise os_error(errno.EPERM, name)  # as the kernel: that is a whiteout
-        return self._new_object(parent, name, kind, mode, uid, gid, rdev=rdev)
+        return self._new_object(parent, name, kind, mode, uid, gid, rdev=rdev,
+                                over_whiteout=self._prepare_create(parent, name))
 
     def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
-        return self._new_object(parent, name, stat.S_IFLNK, 0o777, uid, gid, target=target)
+        return self._new_object(parent, name, stat.S_IFLNK, 0o777, uid, gid, target=target,
+                                over_whiteout=self._prepare_create(parent, name))
 
     def create(
         self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int
@@ -355,7 +357,7 @@ class Engine(MergedTree):
         over_whiteout = self._prepare_create(parent, name)
         if over_whiteout:
             node = self._new_object(parent, name, stat.S_IFREG, mode, uid, gid,
-                                    prepared=True)
+                                    over_whiteout=True)
             return node, self.open(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
         uid, gid, _extra = self._owner(parent, uid, gid, False)
         real = self.upper_child(parent, name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from layerfs.errors import StoreError, UsageError
+from layerfs.errors import LayerfsError, StoreError, UsageError
 from layerfs.reference import Reference
 from layerfs.services import containers as containers_service
 from layerfs.store import atomic
@@ -89,7 +89,7 @@ def remove(store: Store, texts: list[str], *, force: bool = False) -> Removed:
 def _ref_named(text: str, refs: list[str]) -> str | None:
     try:
         ref = Reference.parse(text)
-    except Exception:
+    except LayerfsError:
         return None
     if ref.digest is not None:
         return None

@@ -7,6 +7,7 @@ the distribution API has no search.
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,9 +44,8 @@ def search(
             :limit
         ]
     with registries.client_for(store, "docker.io") as client:
-        resp = client.request(
-            "GET", f"{HUB_SEARCH}?q={term}&n={limit}", scope="", what=f"search {term}"
-        )
+        query = urllib.parse.urlencode({"q": term, "n": limit})
+        resp = client.request("GET", f"{HUB_SEARCH}?{query}", scope="", what=f"search {term}")
         results = resp.json().get("results") or []
     return [
         SearchResult(
