@@ -18,11 +18,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import pyfuse3
-import trio
-
 from layerfs.errors import MountError
+from layerfs.fuse import channel
 from layerfs.fuse.ops import OverlayOperations
+from layerfs.fuse.session import Session
 from layerfs.overlay import copyup
 from layerfs.overlay.engine import Engine
 
@@ -32,9 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".layerfs.lock"
-MAX_WORKERS = 8
-"""Request loops: one reads and serves while nothing waits; more start only while a request
-waits for a worker thread (a big copy-up, an fsync), so that the others go on meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +105,7 @@ def _work_lock(spec: OverlaySpec) -> Iterator[None]:
 
 def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled; `ready` runs once the mount answers."""
-    with _work_lock(spec):
+    with _work_lock(spec), contextlib.ExitStack() as stack:
         if spec.work is not None:
             copyup.clean_work(os.fsencode(spec.work))
             _remove_marker(spec)  # a killed predecessor's
@@ -119,47 +115,46 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
             os.fsencode(spec.work) if spec.work is not None else None,
         )
         engine.sync_copy_up = spec.sync_copy_up
-        options = set(spec.fuse_options) | {f"fsname={spec.fsname}", "subtype=layerfs"}
+        options = set(spec.fuse_options)
         if spec.upper is None:
             options.add("ro")
         operations = OverlayOperations(engine)
-        try:
-            pyfuse3.init(operations, spec.mountpoint, options)
-        except RuntimeError as exc:
-            raise MountError(f"{spec.mountpoint}: cannot mount: {exc}") from None
+        session_signals = (signal.SIGTERM, signal.SIGINT, FREEZE_SIGNAL, THAW_SIGNAL)
+        session: Session | None = None
+
+        def catch(signum: int, frame: object) -> None:
+            if session is not None:
+                session.catch(signum)
+
+        for signum in session_signals:
+            stack.callback(signal.signal, signum, signal.signal(signum, catch))
+        fd = channel.open_mounted(spec.mountpoint, options, fsname=spec.fsname,
+                                  subtype="layerfs")
+        stack.callback(os.close, fd)
+        session = Session(fd, operations, strict=os.environ.get("LAYERFS_STRICT") == "1")
         signalled = False
+
+        def on_signal(signum: int) -> None:
+            nonlocal signalled
+            assert session is not None
+            if signum == FREEZE_SIGNAL:
+                session.freeze()
+                _write_marker(spec)
+            elif signum == THAW_SIGNAL:
+                _remove_marker(spec)
+                session.thaw()
+            else:
+                signalled = True
+                session.thaw()
+                session.stop()
+
         try:
-            ready()
-
-            async def run() -> None:
-                nonlocal signalled
-                async with trio.open_nursery() as nursery:
-
-                    async def watch_signals() -> None:
-                        nonlocal signalled
-                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
-                                                       FREEZE_SIGNAL, THAW_SIGNAL) as sigs:
-                            async for sig in sigs:
-                                if sig == FREEZE_SIGNAL:
-                                    await operations.freeze()
-                                    _write_marker(spec)
-                                elif sig == THAW_SIGNAL:
-                                    _remove_marker(spec)
-                                    operations.thaw()
-                                else:
-                                    signalled = True
-                                    operations.thaw()
-                                    pyfuse3.terminate()
-                                    return
-
-                    nursery.start_soon(watch_signals)
-                    await pyfuse3.main(1, MAX_WORKERS)
-                    nursery.cancel_scope.cancel()
-
-            trio.run(run)
+            session.run(ready, on_signal)
         finally:
             # after `fusermount3 -u` the mount is gone already; unmount only what is ours
-            pyfuse3.close(unmount=signalled or os.path.ismount(spec.mountpoint))
+            if signalled or os.path.ismount(spec.mountpoint):
+                with contextlib.suppress(OSError):
+                    channel.unmount(spec.mountpoint)
 
 
 FREEZE_SIGNAL = signal.SIGUSR1

@@ -1,193 +1,175 @@
-"""The pyfuse3 adapter: FUSE requests to engine calls, `OSError` to `FUSEError`.
+"""The overlay as a FUSE filesystem: requests to engine calls, `OSError` to the reply's errno.
 
-Each handler maps inode numbers to nodes, calls the engine and answers; errno translation
-happens in one place, `fuse_handler`. An unexpected exception is logged with its traceback and
-answered with EIO, so that a bug never kills the daemon (a dead daemon is ENOTCONN for every
-process in a chroot); with LAYERFS_STRICT=1, as the tests set it, the daemon stops instead.
+Each handler maps node ids to nodes, calls the engine and packs the answer; errno translation
+happens in one place, the session. Handlers run under `lock` (the engine is not thread-safe):
+on the loop thread, or on a worker when they `Defer` because they would block for long; a
+worker drops the lock around the slow part (`blocking`) and re-checks afterwards.
 
 Kernel cache hints: lower data never changes and the upper changes only through this mount, so
-entries (negative ones too), attributes and file pages are cached by the kernel for a long time;
-our code runs on cache misses and on writes. Requests are served one at a time (the engine is
-not thread-safe).
+entries (negative ones too), attributes, symlinks and file pages are cached by the kernel for a
+long time, and directories are opened without us (OPENDIR answers ENOSYS): the kernel then keeps
+each listing it has read in its page cache until the directory changes. Our code runs on cache
+misses and on writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
-import logging
 import os
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+import threading
+import time
+from typing import TYPE_CHECKING
 
-import pyfuse3
-import trio
+from layerfs.fuse import protocol as P
+from layerfs.fuse.session import Defer, Reply, Request
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+    from collections.abc import Callable, Iterator
 
     from layerfs.overlay.engine import Engine, Handle
     from layerfs.overlay.nodes import Node
     from layerfs.overlay.tree import Attr
 
-log = logging.getLogger(__name__)
-
-CACHE_TIMEOUT = 86400.0
+CACHE_TIMEOUT = 86400
 """Seconds the kernel may trust an entry or attributes: nothing changes behind our back."""
 
-P = ParamSpec("P")
-R = TypeVar("R")
+_NEGATIVE_ENTRY = P.ENTRY_OUT.pack(0, 0, CACHE_TIMEOUT, 0, 0, 0, *(0,) * 16)
+_NO_ENTRY = bytes(P.ENTRY_OUT.size)
+"""In a READDIRPLUS reply: no attributes (the kernel takes no reference), as for . and .."""
+_ATTR_PREFIX = P.ATTR_OUT.pack(CACHE_TIMEOUT, 0, 0, *(0,) * 16)[:16]
+_ENTRY_HEADER = 40  # fuse_entry_out before its fuse_attr
+_DIRENTPLUS_FIXED = P.ENTRY_OUT.size + P.DIRENT.size
+_DOT_COOKIES = 2  # offsets 1 and 2 are "." and ".."; names start at 3
 
 
-def _strict() -> bool:
-    return os.environ.get("LAYERFS_STRICT") == "1"
+def _name(body: memoryview | bytes) -> bytes:
+    return bytes(body[:-1])  # one NUL-terminated name fills the body
 
 
-def fuse_handler(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn OSError into FUSEError(errno) and anything unexpected into a logged EIO."""
-
-    @functools.wraps(func)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await func(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", func.__name__)
-            if _strict():
-                pyfuse3.terminate()
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper
+def _two_names(body: memoryview | bytes) -> tuple[bytes, bytes]:
+    first, second, _ = bytes(body).split(b"\0", 2)
+    return first, second
 
 
-def mutating(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """A request that changes the upper dir: it waits while the mount is frozen (commit)."""
+class _Cookies:
+    """Stable readdir offsets for one directory: a name keeps its slot while it exists, so a
+    listing read over several requests neither skips nor repeats a name that did not change."""
 
-    @functools.wraps(func)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        ops = args[0]
-        assert isinstance(ops, OverlayOperations)
-        async with ops.mutation():
-            return await func(*args, **kwargs)
+    __slots__ = ("index", "listing", "slots")
 
-    return wrapper
+    def __init__(self) -> None:
+        self.listing: list[bytes] | None = None
+        self.slots: list[bytes | None] = []
+        self.index: dict[bytes, int] = {}
+
+    def update(self, listing: list[bytes]) -> list[bytes | None]:
+        if listing is self.listing:
+            return self.slots
+        present = set(listing)
+        for slot, name in enumerate(self.slots):
+            if name is not None and name not in present:
+                self.slots[slot] = None
+                del self.index[name]
+        for name in listing:
+            if name not in self.index:
+                self.index[name] = len(self.slots)
+                self.slots.append(name)
+        self.listing = listing
+        return self.slots
 
 
-class _DirHandle:
-    __slots__ = ("names", "node")
-
-    def __init__(self, node: Node, names: list[bytes]) -> None:
-        self.node = node
-        self.names = names
-
-
-class OverlayOperations(pyfuse3.Operations):
-    supports_dot_lookup = True
-    enable_writeback_cache = False
-
+class OverlayOperations:
     def __init__(self, engine: Engine) -> None:
-        super().__init__()
+        self.lock = threading.Lock()
         self._engine = engine
+        self._loop_thread = threading.get_ident()
         self._files: dict[int, Handle] = {}
-        self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
-        self._copy_up_locks: dict[int, trio.Lock] = {}
-        self._thawed: trio.Event | None = None  # set while frozen; fires on thaw
-        self._mutations = 0
-        self._quiet = trio.Event()
-        # Attributes of objects that live in a lower layer only never change: made once.
-        self._lower_entries: dict[tuple[int, int], pyfuse3.EntryAttributes] = {}
+        self._copy_up_locks: dict[int, tuple[threading.Lock, list[int]]] = {}
+        self._cookies: dict[int, _Cookies] = {}
+        # Attributes of objects that live in a lower layer only never change: packed once.
+        self._lower_entries: dict[tuple[int, int], bytes] = {}
 
-    # -------------------------------------------------------------- freezing
-    @contextlib.asynccontextmanager
-    async def mutation(self) -> AsyncIterator[None]:
-        while self._thawed is not None:
-            await self._thawed.wait()
-        self._mutations += 1
-        try:
-            yield
-        finally:
-            self._mutations -= 1
-            if not self._mutations:
-                self._quiet.set()
-
-    async def freeze(self) -> None:
-        """Hold every request that would change the upper dir; return once none is running.
-
-        What `commit` of a live container asks for (docker pauses a container to commit it):
-        the upper dir is then a consistent snapshot until `thaw`.
-        """
-        if self._thawed is None:
-            self._thawed = trio.Event()
-        while self._mutations:
-            self._quiet = trio.Event()
-            await self._quiet.wait()
-
-    def thaw(self) -> None:
-        if self._thawed is not None:
-            self._thawed.set()
-            self._thawed = None
+    def handlers(self) -> dict[int, Callable[[Request], Reply]]:
+        op = P.Op
+        return {
+            op.LOOKUP: self.lookup, op.FORGET: self.forget, op.BATCH_FORGET: self.batch_forget,
+            op.GETATTR: self.getattr, op.SETATTR: self.setattr, op.READLINK: self.readlink,
+            op.ACCESS: self.access, op.STATFS: self.statfs, op.MKNOD: self.mknod,
+            op.MKDIR: self.mkdir, op.SYMLINK: self.symlink, op.LINK: self.link,
+            op.UNLINK: self.unlink, op.RMDIR: self.rmdir, op.RENAME: self.rename,
+            op.RENAME2: self.rename2, op.GETXATTR: self.getxattr, op.LISTXATTR: self.listxattr,
+            op.SETXATTR: self.setxattr, op.REMOVEXATTR: self.removexattr, op.OPEN: self.open,
+            op.CREATE: self.create, op.READ: self.read, op.WRITE: self.write,
+            op.FLUSH: self.flush, op.FSYNC: self.fsync, op.RELEASE: self.release,
+            op.LSEEK: self.lseek, op.OPENDIR: self.opendir, op.READDIR: self.readdir,
+            op.READDIRPLUS: self.readdirplus, op.RELEASEDIR: self.releasedir,
+            op.FSYNCDIR: self.fsyncdir, op.DESTROY: self.destroy,
+        }
 
     # -------------------------------------------------------------- helpers
     def _node(self, inode: int) -> Node:
         node = self._engine.nodes.get(inode)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ESTALE)
+            raise OSError(errno.ESTALE, "stale node id")
         return node
 
-    def _fh(self) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        return fh
+    def _handle(self, fh: int) -> Handle:
+        handle = self._files.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "unknown file handle")
+        return handle
 
-    async def _copy_up(self, node: Node, data_len: int | None = None) -> None:
-        """Copy a big lower file up in a worker thread, so other requests go on meanwhile.
+    @contextlib.contextmanager
+    def blocking(self) -> Iterator[None]:
+        """Run a slow syscall without the lock (on a worker: the loop thread defers first)."""
+        if threading.get_ident() == self._loop_thread:
+            raise Defer
+        self.lock.release()
+        try:
+            yield
+        finally:
+            self.lock.acquire()
+
+    def _copy_up(self, node: Node, data_len: int | None = None) -> None:
+        """Copy a big lower file up on a worker, so other requests go on meanwhile.
 
         Small copies and directories are left to the engine, inline. A per-inode lock makes a
         second writer wait for the first copy instead of making its own; the engine re-checks
         the tree when it places the copy.
         """
-        if node.is_dir or self._engine.upper is None or not self._engine.needs_copy_up(node):
+        engine = self._engine
+        if node.is_dir or engine.upper is None or not engine.needs_copy_up(node):
             return
-        job = self._engine.copy_up_job(node, data_len)
+        job = engine.copy_up_job(node, data_len)
         if not job.slow:
             return
-        lock = self._copy_up_locks.setdefault(node.ino, trio.Lock())
+        if threading.get_ident() == self._loop_thread:
+            raise Defer
+        ino_lock, users = self._copy_up_locks.setdefault(node.ino, (threading.Lock(), [0]))
+        users[0] += 1
         try:
-            async with lock:
-                if not self._engine.needs_copy_up(node):
+            with self.blocking():
+                ino_lock.acquire()
+            try:
+                if not engine.needs_copy_up(node):
                     return
-                tmp = await trio.to_thread.run_sync(self._engine.stage, job)
-                self._engine.finish_copy_up(node, tmp)
+                with self.blocking():
+                    tmp = engine.stage(job)
+                engine.finish_copy_up(node, tmp)
+            finally:
+                ino_lock.release()
         finally:
-            if not lock.statistics().tasks_waiting:
-                self._copy_up_locks.pop(node.ino, None)
+            users[0] -= 1
+            if not users[0]:
+                del self._copy_up_locks[node.ino]
 
-    @staticmethod
-    def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
-        st = attr.st
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = attr.ino
-        entry.generation = attr.generation
-        entry.entry_timeout = CACHE_TIMEOUT
-        entry.attr_timeout = CACHE_TIMEOUT
-        entry.st_mode = st.st_mode
-        entry.st_nlink = attr.nlink
-        entry.st_uid = st.st_uid
-        entry.st_gid = st.st_gid
-        entry.st_rdev = st.st_rdev
-        entry.st_size = st.st_size
-        entry.st_blksize = st.st_blksize
-        entry.st_blocks = attr.blocks
-        entry.st_atime_ns = st.st_atime_ns
-        entry.st_mtime_ns = st.st_mtime_ns
-        entry.st_ctime_ns = st.st_ctime_ns
-        return entry
+    def _entry(self, attr: Attr) -> bytes:
+        return P.ENTRY_OUT.pack(attr.ino, attr.generation, CACHE_TIMEOUT, CACHE_TIMEOUT, 0, 0,
+                                *P.attr_fields(attr.ino, attr.st, attr.nlink, attr.blocks))
 
-    def _node_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _node_entry(self, node: Node) -> bytes:
         if node.in_upper:
             return self._entry(self._engine.getattr(node))
         key = (node.ino, node.generation)
@@ -196,245 +178,315 @@ class OverlayOperations(pyfuse3.Operations):
             entry = self._lower_entries[key] = self._entry(self._engine.getattr(node))
         return entry
 
-    # -------------------------------------------------------------- lookup and attributes
-    @fuse_handler
-    async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        try:
-            node = self._engine.lookup(self._node(parent_inode), name)
-        except FileNotFoundError:
-            negative = pyfuse3.EntryAttributes()
-            negative.st_ino = 0  # a negative entry, cached like the positive ones
-            negative.entry_timeout = CACHE_TIMEOUT
-            return negative
-        return self._node_entry(node)
+    def _attr_reply(self, entry: bytes) -> bytes:
+        return _ATTR_PREFIX + entry[_ENTRY_HEADER:]
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for inode, nlookup in inode_list:
-            self._engine.forget(inode, nlookup)
-
-    @fuse_handler
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._node_entry(self._node(inode))
-
-    @fuse_handler
-    @mutating
-    async def setattr(
-        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-        fh: int | None, ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
-        node = self._node(inode)
-        if fields.update_size:
-            await self._copy_up(node, attr.st_size)
-        result = self._engine.setattr(
-            node,
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            size=attr.st_size if fields.update_size else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            handle=self._files.get(fh) if fh is not None else None,
-        )
-        return self._entry(result)
-
-    @fuse_handler
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self._engine.readlink(self._node(inode))
-
-    @fuse_handler
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        gids = [ctx.gid, *pyfuse3.get_sup_groups(ctx.pid)] if ctx.uid else [ctx.gid]
-        try:
-            self._engine.access(self._node(inode), mode, ctx.uid, gids)
-        except PermissionError:
-            return False
-        return True
-
-    @fuse_handler
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = self._engine.statfs()
-        data = pyfuse3.StatvfsData()
-        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                      "f_ffree", "f_favail", "f_namemax"):
-            setattr(data, field, getattr(sv, field))
-        return data
-
-    # -------------------------------------------------------------- creating and removing
-    @fuse_handler
-    @mutating
-    async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int,
-        ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
-        node = self._engine.mknod(self._node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
-        return self._node_entry(node)
-
-    @fuse_handler
-    @mutating
-    async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        node = self._engine.mkdir(self._node(parent_inode), name, mode, ctx.uid, ctx.gid)
-        return self._node_entry(node)
-
-    @fuse_handler
-    @mutating
-    async def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        node = self._engine.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
-        return self._node_entry(node)
-
-    @fuse_handler
-    @mutating
-    async def link(
-        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        source = self._node(inode)
-        await self._copy_up(source)
-        node = self._engine.link(source, self._node(new_parent_inode), new_name)
-        return self._node_entry(node)
-
-    @fuse_handler
-    @mutating
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._engine.unlink(self._node(parent_inode), name)
-
-    @fuse_handler
-    @mutating
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._engine.rmdir(self._node(parent_inode), name)
-
-    @fuse_handler
-    @mutating
-    async def rename(
-        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-        flags: int, ctx: pyfuse3.RequestContext,
-    ) -> None:
-        old_parent, new_parent = self._node(parent_inode_old), self._node(parent_inode_new)
-        for parent, name in ((old_parent, name_old), (new_parent, name_new)):
-            node = self._engine.child(parent, name)
-            if node is not None and (parent is old_parent or flags & pyfuse3.RENAME_EXCHANGE):
-                await self._copy_up(node)
-        self._engine.rename(old_parent, name_old, new_parent, name_new, flags)
-
-    # -------------------------------------------------------------- xattrs
-    @fuse_handler
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self._engine.getxattr(self._node(inode), name)
-
-    @fuse_handler
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return self._engine.listxattr(self._node(inode))
-
-    @fuse_handler
-    @mutating
-    async def setxattr(
-        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
-    ) -> None:
-        node = self._node(inode)
-        self._engine.setxattr(node, name, value)
-
-    @fuse_handler
-    @mutating
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._engine.removexattr(self._node(inode), name)
-
-    # -------------------------------------------------------------- files
-    def _file_info(self, handle: Handle) -> pyfuse3.FileInfo:
-        fh = self._fh()
+    def _new_fh(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
         self._files[fh] = handle
-        # Every change goes through this mount, so cached pages stay right.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-
-    @fuse_handler
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self._node(inode)
-        if not flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
-            return self._file_info(self._engine.open(node, flags))
-        async with self.mutation():
-            if not flags & os.O_TRUNC:
-                await self._copy_up(node)
-            return self._file_info(self._engine.open(node, flags))
-
-    @fuse_handler
-    @mutating
-    async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int,
-        ctx: pyfuse3.RequestContext,
-    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node, handle = self._engine.create(
-            self._node(parent_inode), name, mode, flags, ctx.uid, ctx.gid
-        )
-        return self._file_info(handle), self._node_entry(node)
-
-    @fuse_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self._engine.read(self._files[fh], off, size)
-
-    @fuse_handler
-    @mutating
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self._engine.write(self._files[fh], off, buf)
-
-    @fuse_handler
-    async def flush(self, fh: int) -> None:
-        return None
-
-    @fuse_handler
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        await trio.to_thread.run_sync(self._engine.fsync, self._files[fh], datasync)
-
-    @fuse_handler
-    async def release(self, fh: int) -> None:
-        self._engine.release(self._files.pop(fh))
-
-    # -------------------------------------------------------------- directories
-    @fuse_handler
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self._node(inode)
-        if not node.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        fh = self._fh()
-        self._dirs[fh] = _DirHandle(node, self._engine.listdir(node))
         return fh
 
-    @fuse_handler
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self._dirs[fh]
-        node = handle.node
-        # "." and ".." first, as real filesystems list them; the kernel takes no
-        # reference on them, so they count no lookup.
-        if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", self._node_entry(node), 1):
-                return
-            start_id = 1
-        if start_id == 1:
-            dotdot = node.parent or node
-            if not pyfuse3.readdir_reply(token, b"..", self._node_entry(dotdot), 2):
-                return
-            start_id = 2
-        names = handle.names
-        for index in range(start_id - 2, len(names)):
-            name = names[index]
-            child = self._engine.child(node, name)
+    def _open_reply(self, handle: Handle) -> bytes:
+        # Every change goes through this mount, so cached pages stay right.
+        return P.OPEN_OUT.pack(self._new_fh(handle), P.FOPEN_KEEP_CACHE, 0)
+
+    # -------------------------------------------------------------- lookup and attributes
+    def lookup(self, req: Request) -> Reply:
+        try:
+            node = self._engine.lookup(self._node(req.nodeid), _name(req.body))
+        except FileNotFoundError:
+            return _NEGATIVE_ENTRY  # cached like the positive ones
+        return self._node_entry(node)
+
+    def forget(self, req: Request) -> Reply:
+        (nlookup,) = P.FORGET_IN.unpack_from(req.body)
+        self._forget(req.nodeid, nlookup)
+        return None
+
+    def batch_forget(self, req: Request) -> Reply:
+        count, _ = P.BATCH_FORGET_IN.unpack_from(req.body)
+        for index in range(count):
+            ino, nlookup = P.FORGET_ONE.unpack_from(
+                req.body, P.BATCH_FORGET_IN.size + index * P.FORGET_ONE.size)
+            self._forget(ino, nlookup)
+        return None
+
+    def _forget(self, ino: int, nlookup: int) -> None:
+        self._engine.forget(ino, nlookup)
+        if ino in self._cookies and self._engine.nodes.get(ino) is None:
+            del self._cookies[ino]
+
+    def getattr(self, req: Request) -> Reply:
+        return self._attr_reply(self._node_entry(self._node(req.nodeid)))
+
+    def setattr(self, req: Request) -> Reply:
+        (valid, _, fh, size, _owner, atime, mtime, _ctime, atime_ns, mtime_ns, _ctime_ns, mode,
+         _, uid, gid, _) = P.SETATTR_IN.unpack_from(req.body)
+        node = self._node(req.nodeid)
+        if valid & P.FATTR_SIZE:
+            self._copy_up(node, size)
+        now = time.time_ns()
+        atime_total: int | None = None
+        if valid & P.FATTR_ATIME_NOW:
+            atime_total = now
+        elif valid & P.FATTR_ATIME:
+            atime_total = atime * 1_000_000_000 + atime_ns
+        mtime_total: int | None = None
+        if valid & P.FATTR_MTIME_NOW:
+            mtime_total = now
+        elif valid & P.FATTR_MTIME:
+            mtime_total = mtime * 1_000_000_000 + mtime_ns
+        result = self._engine.setattr(
+            node,
+            mode=mode if valid & P.FATTR_MODE else None,
+            uid=uid if valid & P.FATTR_UID else None,
+            gid=gid if valid & P.FATTR_GID else None,
+            size=size if valid & P.FATTR_SIZE else None,
+            atime_ns=atime_total,
+            mtime_ns=mtime_total,
+            handle=self._files.get(fh) if valid & P.FATTR_FH else None,
+        )
+        return self._attr_reply(self._entry(result))
+
+    def readlink(self, req: Request) -> Reply:
+        return self._engine.readlink(self._node(req.nodeid))
+
+    def access(self, req: Request) -> Reply:
+        (mask, _) = P.ACCESS_IN.unpack_from(req.body)
+        gids = [req.gid, *_supplementary_groups(req.pid)] if req.uid else [req.gid]
+        self._engine.access(self._node(req.nodeid), mask, req.uid, gids)
+        return b""
+
+    def statfs(self, req: Request) -> Reply:
+        sv = self._engine.statfs()
+        return P.STATFS_OUT.pack(sv.f_blocks, sv.f_bfree, sv.f_bavail, sv.f_files, sv.f_ffree,
+                                 sv.f_bsize, sv.f_namemax, sv.f_frsize, 0)
+
+    # -------------------------------------------------------------- creating and removing
+    def mknod(self, req: Request) -> Reply:
+        mode, rdev, _umask, _ = P.MKNOD_IN.unpack_from(req.body)
+        name = _name(req.body[P.MKNOD_IN.size:])
+        node = self._engine.mknod(self._node(req.nodeid), name, mode, P.decode_dev(rdev),
+                                  req.uid, req.gid)
+        return self._node_entry(node)
+
+    def mkdir(self, req: Request) -> Reply:
+        mode, _umask = P.MKDIR_IN.unpack_from(req.body)
+        name = _name(req.body[P.MKDIR_IN.size:])
+        node = self._engine.mkdir(self._node(req.nodeid), name, mode, req.uid, req.gid)
+        return self._node_entry(node)
+
+    def symlink(self, req: Request) -> Reply:
+        name, target = _two_names(req.body)
+        node = self._engine.symlink(self._node(req.nodeid), name, target, req.uid, req.gid)
+        return self._node_entry(node)
+
+    def link(self, req: Request) -> Reply:
+        (old_inode,) = P.LINK_IN.unpack_from(req.body)
+        source = self._node(old_inode)
+        self._copy_up(source)
+        new_name = _name(req.body[P.LINK_IN.size:])
+        node = self._engine.link(source, self._node(req.nodeid), new_name)
+        return self._node_entry(node)
+
+    def unlink(self, req: Request) -> Reply:
+        self._engine.unlink(self._node(req.nodeid), _name(req.body))
+        return b""
+
+    def rmdir(self, req: Request) -> Reply:
+        self._engine.rmdir(self._node(req.nodeid), _name(req.body))
+        return b""
+
+    def rename(self, req: Request) -> Reply:
+        (new_dir,) = P.RENAME_IN.unpack_from(req.body)
+        old, new = _two_names(req.body[P.RENAME_IN.size:])
+        return self._rename(req.nodeid, old, new_dir, new, 0)
+
+    def rename2(self, req: Request) -> Reply:
+        new_dir, flags, _ = P.RENAME2_IN.unpack_from(req.body)
+        old, new = _two_names(req.body[P.RENAME2_IN.size:])
+        return self._rename(req.nodeid, old, new_dir, new, flags)
+
+    def _rename(self, old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) -> Reply:
+        old_parent, new_parent = self._node(old_dir), self._node(new_dir)
+        for parent, name in ((old_parent, old), (new_parent, new)):
+            node = self._engine.child(parent, name)
+            if node is not None and (parent is old_parent or flags & _RENAME_EXCHANGE):
+                self._copy_up(node)
+        self._engine.rename(old_parent, old, new_parent, new, flags)
+        return b""
+
+    # -------------------------------------------------------------- xattrs
+    def getxattr(self, req: Request) -> Reply:
+        size, _ = P.GETXATTR_IN.unpack_from(req.body)
+        value = self._engine.getxattr(self._node(req.nodeid),
+                                      _name(req.body[P.GETXATTR_IN.size:]))
+        return _sized(value, size)
+
+    def listxattr(self, req: Request) -> Reply:
+        size, _ = P.GETXATTR_IN.unpack_from(req.body)
+        names = self._engine.listxattr(self._node(req.nodeid))
+        return _sized(b"".join(name + b"\0" for name in names), size)
+
+    def setxattr(self, req: Request) -> Reply:
+        size, _flags = P.SETXATTR_IN.unpack_from(req.body)
+        rest = bytes(req.body[P.SETXATTR_IN.size:])
+        end = rest.index(b"\0")
+        name, value = rest[:end], rest[end + 1:end + 1 + size]
+        self._engine.setxattr(self._node(req.nodeid), name, value)
+        return b""
+
+    def removexattr(self, req: Request) -> Reply:
+        self._engine.removexattr(self._node(req.nodeid), _name(req.body))
+        return b""
+
+    # -------------------------------------------------------------- files
+    def open(self, req: Request) -> Reply:
+        flags, _ = P.OPEN_IN.unpack_from(req.body)
+        node = self._node(req.nodeid)
+        if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_TRUNC:
+            self._copy_up(node)
+        return self._open_reply(self._engine.open(node, flags))
+
+    def create(self, req: Request) -> Reply:
+        flags, mode, _umask, _ = P.CREATE_IN.unpack_from(req.body)
+        name = _name(req.body[P.CREATE_IN.size:])
+        node, handle = self._engine.create(self._node(req.nodeid), name, mode, flags,
+                                           req.uid, req.gid)
+        return [self._node_entry(node), self._open_reply(handle)]
+
+    def read(self, req: Request) -> Reply:
+        fh, off, size, *_ = P.READ_IN.unpack_from(req.body)
+        return self._engine.read(self._handle(fh), off, size)
+
+    def write(self, req: Request) -> Reply:
+        fh, off, size, *_ = P.WRITE_IN.unpack_from(req.body)
+        data = req.body[P.WRITE_IN.size:P.WRITE_IN.size + size]
+        return P.WRITE_OUT.pack(self._engine.write(self._handle(fh), off, data), 0)
+
+    def flush(self, req: Request) -> Reply:
+        return b""
+
+    def fsync(self, req: Request) -> Reply:
+        fh, flags, _ = P.FSYNC_IN.unpack_from(req.body)
+        handle = self._handle(fh)
+        with self.blocking():
+            self._engine.fsync(handle, bool(flags & P.FSYNC_FDATASYNC))
+        return b""
+
+    def release(self, req: Request) -> Reply:
+        fh, *_ = P.RELEASE_IN.unpack_from(req.body)
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            self._engine.release(handle)
+        return b""
+
+    def lseek(self, req: Request) -> Reply:
+        fh, off, whence, _ = P.LSEEK_IN.unpack_from(req.body)
+        return P.LSEEK_OUT.pack(self._engine.lseek(self._handle(fh), off, whence))
+
+    def destroy(self, req: Request) -> Reply:
+        return b""
+
+    # -------------------------------------------------------------- directories
+    def opendir(self, req: Request) -> Reply:
+        # The kernel then opens directories itself and caches their listings (FOPEN_CACHE_DIR);
+        # READDIR names the directory by its node id.
+        raise OSError(errno.ENOSYS, "directories need no open")
+
+    def releasedir(self, req: Request) -> Reply:
+        return b""
+
+    def readdirplus(self, req: Request) -> Reply:
+        return self._readdir(req, plus=True)
+
+    def readdir(self, req: Request) -> Reply:
+        return self._readdir(req, plus=False)
+
+    def _readdir(self, req: Request, *, plus: bool) -> Reply:
+        _fh, offset, size, *_ = P.READ_IN.unpack_from(req.body)
+        node = self._node(req.nodeid)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        engine = self._engine
+        cookies = self._cookies.get(node.ino)
+        if cookies is None:
+            cookies = self._cookies[node.ino] = _Cookies()
+        slots = cookies.update(engine.listdir(node))
+        parts: list[bytes] = []
+        used = 0
+        fixed = _DIRENTPLUS_FIXED if plus else P.DIRENT.size
+        # "." and ".." first, as real filesystems list them; the kernel takes no reference on
+        # them, so they count no lookup.
+        while offset < _DOT_COOKIES:
+            dot = node if offset == 0 else node.parent or node
+            dot_name = b"." if offset == 0 else b".."
+            record = P.pack_dirent(dot.ino, offset + 1, dot_name, P.dirent_type(0o040000))
+            if used + len(record) + (_NO_ENTRY_SIZE if plus else 0) > size:
+                return parts
+            if plus:
+                parts.append(_NO_ENTRY)
+                used += _NO_ENTRY_SIZE
+            parts.append(record)
+            used += len(record)
+            offset += 1
+        for slot in range(offset - _DOT_COOKIES, len(slots)):
+            name = slots[slot]
+            if name is None:
+                continue
+            child = engine.child(node, name)
             if child is None:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._node_entry(child), index + 3):
-                return
-            child.lookups += 1
+            if used + fixed + (len(name) + 7) // 8 * 8 > size:
+                break
+            entry = self._node_entry(child)
+            kind = P.dirent_type(_mode_of(entry))
+            record = P.pack_dirent(child.ino, slot + _DOT_COOKIES + 1, name, kind)
+            if plus:
+                parts.append(entry)
+                child.lookups += 1
+                used += len(entry)
+            parts.append(record)
+            used += len(record)
+        return parts
 
-    @fuse_handler
-    async def releasedir(self, fh: int) -> None:
-        del self._dirs[fh]
+    def fsyncdir(self, req: Request) -> Reply:
+        node = self._node(req.nodeid)
+        path = self._engine.real_path(node)
+        with self.blocking():
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return b""
 
-    @fuse_handler
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        handle = self._dirs[fh]
-        fd = os.open(self._engine.real_path(handle.node), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+
+_NO_ENTRY_SIZE = len(_NO_ENTRY)
+_RENAME_EXCHANGE = 2
+_MODE_OFFSET = _ENTRY_HEADER + 8 * 6 + 4 * 3
+
+
+def _mode_of(entry: bytes) -> int:
+    return int.from_bytes(entry[_MODE_OFFSET:_MODE_OFFSET + 4], "little")
+
+
+def _sized(value: bytes, size: int) -> bytes:
+    """A getxattr/listxattr answer: the size alone when asked with 0, ERANGE if too small."""
+    if size == 0:
+        return P.GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise OSError(errno.ERANGE, "buffer too small")
+    return value
+
+
+def _supplementary_groups(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return [int(g) for g in line.split()[1:]]
+    except OSError:
+        pass
+    return []

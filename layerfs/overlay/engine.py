@@ -605,6 +605,13 @@ class Engine(MergedTree):
         return Handle(node, fd, layer, flags, node.data_gen)
 
     def read(self, handle: Handle, off: int, size: int) -> bytes:
+        return os.pread(self._reading_fd(handle), size, off)
+
+    def lseek(self, handle: Handle, off: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE answered by the real file (ENXIO past the end)."""
+        return os.lseek(self._reading_fd(handle), off, whence)
+
+    def _reading_fd(self, handle: Handle) -> int:
         node = handle.node
         if handle.data_gen != node.data_gen:
             # copied up since it was opened: read what the merged tree shows now
@@ -613,9 +620,9 @@ class Engine(MergedTree):
             handle.fd, handle.data_gen = fd, node.data_gen
             handle.layer = UPPER if node.in_upper and not node.metacopy else 1
             node.open_fds.append(fd)
-        return os.pread(handle.fd, size, off)
+        return handle.fd
 
-    def write(self, handle: Handle, off: int, data: bytes) -> int:
+    def write(self, handle: Handle, off: int, data: bytes | memoryview) -> int:
         return os.pwrite(handle.fd, data, off)
 
     def fsync(self, handle: Handle, datasync: bool) -> None:

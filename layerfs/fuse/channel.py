@@ -1,0 +1,96 @@
+"""The FUSE channel: a `/dev/fuse` descriptor mounted on a directory, and its unmount.
+
+As root, `mount(2)` is called directly (what libfuse does as root; it saves a fusermount3
+process per mount). Anyone else goes through the setuid `fusermount3`, which mounts and hands
+the descriptor back over a socket (`_FUSE_COMMFD`), as libfuse does it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import stat
+import subprocess
+from typing import TYPE_CHECKING
+
+from layerfs.errors import MountError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
+
+_PASSED_TO_KERNEL = {"allow_other", "default_permissions"}
+
+
+def open_mounted(
+    mountpoint: str, options: Iterable[str], *, fsname: str, subtype: str
+) -> int:
+    """Mount a fresh FUSE connection on `mountpoint`; return its descriptor (MountError)."""
+    opts = set(options)
+    if os.geteuid() == 0:
+        return _mount_as_root(mountpoint, opts, fsname, subtype)
+    return _mount_with_fusermount(mountpoint, opts, fsname, subtype)
+
+
+def _mount_as_root(mountpoint: str, opts: set[str], fsname: str, subtype: str) -> int:
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        flags = 0
+        if "ro" in opts:
+            flags |= MS_RDONLY
+        if "suid" not in opts:
+            flags |= MS_NOSUID
+        if "dev" not in opts:
+            flags |= MS_NODEV
+        root_mode = stat.S_IFMT(os.stat(mountpoint).st_mode)
+        data = [f"fd={fd}", f"rootmode={root_mode:o}", f"user_id={os.getuid()}",
+                f"group_id={os.getgid()}", *sorted(opts & _PASSED_TO_KERNEL)]
+        if _libc.mount(os.fsencode(fsname), os.fsencode(mountpoint),
+                       f"fuse.{subtype}".encode(), flags, ",".join(data).encode()) != 0:
+            err = ctypes.get_errno()
+            raise MountError(f"{mountpoint}: cannot mount: {os.strerror(err)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _mount_with_fusermount(mountpoint: str, opts: set[str], fsname: str, subtype: str) -> int:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        wanted = sorted(opts & (_PASSED_TO_KERNEL | {"ro"}))
+        wanted += [f"fsname={fsname}", f"subtype={subtype}"]
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        result = subprocess.run(
+            ["fusermount3", "-o", ",".join(wanted), "--", mountpoint],
+            env=env, pass_fds=(theirs.fileno(),), capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            reason = result.stderr.strip().splitlines()[-1:] or ["fusermount3 failed"]
+            raise MountError(f"{mountpoint}: cannot mount: {reason[0]}")
+        _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
+        if not fds:
+            raise MountError(f"{mountpoint}: cannot mount: fusermount3 sent no descriptor")
+        os.set_inheritable(fds[0], False)
+        return fds[0]
+
+
+def unmount(mountpoint: str) -> None:
+    """Detach the mount (lazily, as libfuse does): users still inside keep their files."""
+    if os.geteuid() == 0:
+        if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), mountpoint)
+        return
+    result = subprocess.run(["fusermount3", "-u", "-z", "--", mountpoint], capture_output=True,
+                            text=True, check=False)
+    if result.returncode != 0:
+        raise OSError(errno.EBUSY, result.stderr.strip() or "fusermount3 -u failed", mountpoint)

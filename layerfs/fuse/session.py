@@ -1,0 +1,295 @@
+"""The FUSE session: read requests from `/dev/fuse`, hand them to the filesystem, write replies.
+
+Concurrency model. One loop, on the main thread, reads every request and serves it inline while
+holding the filesystem's lock: a request costs a read, a struct unpack, a handler and a write,
+with no scheduler in between (that overhead, not our handlers, was most of the daemon's time with
+pyfuse3 and trio). Before blocking in `poll`, the loop polls the descriptor for a few tens of
+microseconds: a request that follows another (the usual case in a `find` or an untar) is then
+picked up without a wake-up across CPUs, which costs more than the handler.
+
+A handler that would block for long (the copy-up of a big file, fsync) raises `Defer`; the
+request is then served again from the start on a worker thread, where the handler drops the lock
+around the slow part (`Filesystem.blocking`) and the loop goes on meanwhile. Handlers are written
+so that running them again is harmless: they defer before they change anything.
+
+Freezing (for `commit` of a live container): requests that would change the upper dir are held,
+in order, once the ones already running on workers are done, until the thaw; reads go on.
+
+Signals arrive on the main thread and are acted on between requests: SIGTERM/SIGINT unmount and
+stop, the freeze and thaw signals freeze and thaw (see `mount`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from layerfs.fuse import protocol as P
+
+log = logging.getLogger(__name__)
+
+MAX_WRITE = 1 << 20
+"""Largest write (and read) request: 256 pages, the kernel's limit for max_pages."""
+BUFFER_SIZE = MAX_WRITE + 4096
+SPIN_SECONDS = 50e-6
+"""How long the loop polls for the next request before it sleeps in poll(2)."""
+WORKERS = 8
+"""Threads for deferred requests: big copy-ups and fsyncs in parallel with everything else."""
+
+_WANTED_FLAGS = (P.ASYNC_READ | P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.DO_READDIRPLUS
+                 | P.PARALLEL_DIROPS | P.MAX_PAGES | P.CACHE_SYMLINKS)
+
+_MUTATING = frozenset({
+    P.Op.SETATTR, P.Op.SYMLINK, P.Op.MKNOD, P.Op.MKDIR, P.Op.UNLINK, P.Op.RMDIR, P.Op.RENAME,
+    P.Op.RENAME2, P.Op.LINK, P.Op.WRITE, P.Op.SETXATTR, P.Op.REMOVEXATTR, P.Op.CREATE,
+})
+_WRITE_OPEN = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+
+Reply = bytes | Sequence[bytes] | None
+"""A handler's answer: the payload after the header, or None for requests without a reply."""
+
+
+class Request:
+    __slots__ = ("body", "gid", "nodeid", "opcode", "pid", "uid", "unique")
+
+    def __init__(self, opcode: int, unique: int, nodeid: int, uid: int, gid: int, pid: int,
+                 body: memoryview | bytes) -> None:
+        self.opcode = opcode
+        self.unique = unique
+        self.nodeid = nodeid
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.body = body
+
+
+class Defer(Exception):
+    """Raised by a handler on the loop thread: serve this request on a worker instead."""
+
+
+class Filesystem(Protocol):
+    lock: threading.Lock
+
+    def handlers(self) -> dict[int, Callable[[Request], Reply]]: ...
+
+
+class Session:
+    def __init__(self, fd: int, fs: Filesystem, *, strict: bool = False) -> None:
+        self._fd = fd
+        self._fs = fs
+        self._lock = fs.lock
+        self._handlers = fs.handlers()
+        self._strict = strict
+        self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "layerfs-worker")
+        self._changes = threading.Condition()
+        self._changes_running = 0
+        self._frozen = False
+        self._held: list[Request] = []
+        self._signals: list[int] = []
+        self._stop = False
+        self.loop_thread = threading.get_ident()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, ready: Callable[[], None], on_signal: Callable[[int], None]) -> None:
+        """Serve until unmounted or stopped; `ready` once INIT is answered; signals on the
+        main thread go to `on_signal` between requests."""
+        buf = bytearray(BUFFER_SIZE)
+        view = memoryview(buf)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        try:
+            os.set_blocking(self._fd, False)
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            poller.register(wake_r, select.POLLIN)
+            initialized = False
+            while not self._stop:
+                if self._signals:
+                    self._take_signals(wake_r, on_signal)
+                    continue
+                n = self._read(view, poller)
+                if n is None:
+                    continue
+                if n == 0:
+                    break
+                if not initialized:
+                    self._init(view[:n])
+                    initialized = True
+                    ready()
+                    continue
+                self._serve(view[:n])
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(wake_r)
+            os.close(wake_w)
+            self._pool.shutdown(wait=True)
+
+    def catch(self, signum: int) -> None:
+        """A signal handler (it runs on the main thread): note the signal for the loop."""
+        self._signals.append(signum)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _take_signals(self, wake_r: int, on_signal: Callable[[int], None]) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_r, 512)
+        while self._signals:
+            on_signal(self._signals.pop(0))
+
+    def _read(self, view: memoryview, poller: select.poll) -> int | None:
+        """The next request's length; 0 once unmounted; None to look at signals first."""
+        deadline = 0.0
+        while True:
+            try:
+                return os.readv(self._fd, [view])
+            except BlockingIOError:
+                pass
+            except InterruptedError:
+                return None
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:  # the request was interrupted meanwhile
+                    continue
+                if exc.errno == errno.ENODEV:  # unmounted
+                    return 0
+                raise
+            if self._signals:
+                return None
+            now = time.perf_counter()
+            if not deadline:
+                deadline = now + SPIN_SECONDS
+            elif now > deadline:
+                poller.poll()
+                if self._signals:
+                    return None
+                deadline = 0.0
+
+    def _init(self, request: memoryview) -> None:
+        _len, opcode, unique, *_ = P.IN_HEADER.unpack_from(request)
+        if opcode != P.Op.INIT:
+            raise OSError(errno.EPROTO, f"FUSE: first request is {opcode}, not INIT")
+        major, minor, max_readahead, flags = P.INIT_IN.unpack_from(request, P.IN_HEADER.size)
+        if major != P.KERNEL_MAJOR:
+            self._reply_error(unique, errno.EPROTO)
+            raise OSError(errno.EPROTO, f"FUSE: kernel speaks protocol {major}.{minor}")
+        flags &= _WANTED_FLAGS
+        reply = P.INIT_OUT.pack(
+            P.KERNEL_MAJOR, min(minor, P.KERNEL_MINOR), max_readahead, flags,
+            64, 48,  # max_background, congestion_threshold: readahead and async reads in flight
+            MAX_WRITE, 1, MAX_WRITE // P.PAGE_SIZE, 0, 0,
+        )
+        self._reply(unique, reply)
+
+    # ------------------------------------------------------------------ serving
+    def _serve(self, request: memoryview) -> None:
+        _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = P.IN_HEADER.unpack_from(request)
+        handler = self._handlers.get(opcode)
+        if handler is None:
+            if opcode not in (P.Op.INTERRUPT, P.Op.FORGET, P.Op.BATCH_FORGET):
+                self._reply_error(unique, errno.ENOSYS)
+            return
+        req = Request(opcode, unique, nodeid, uid, gid, pid, request[P.IN_HEADER.size:])
+        if self._frozen and self._is_change(req):
+            req.body = bytes(req.body)
+            self._held.append(req)
+            return
+        try:
+            with self._lock:
+                reply = handler(req)
+        except Defer:
+            req.body = bytes(req.body)
+            self._defer(handler, req)
+            return
+        except OSError as exc:
+            self._reply_error(unique, exc.errno or errno.EIO)
+            return
+        except Exception:
+            self._internal_error(req)
+            return
+        if reply is not None:
+            self._reply(unique, reply)
+
+    def _defer(self, handler: Callable[[Request], Reply], req: Request) -> None:
+        change = self._is_change(req)
+        if change:
+            with self._changes:
+                self._changes_running += 1
+        self._pool.submit(self._serve_on_worker, handler, req, change)
+
+    def _serve_on_worker(self, handler: Callable[[Request], Reply], req: Request,
+                         change: bool) -> None:
+        try:
+            with self._lock:
+                reply = handler(req)
+        except OSError as exc:
+            self._reply_error(req.unique, exc.errno or errno.EIO)
+        except Exception:
+            self._internal_error(req)
+        else:
+            if reply is not None:
+                self._reply(req.unique, reply)
+        finally:
+            if change:
+                with self._changes:
+                    self._changes_running -= 1
+                    self._changes.notify_all()
+
+    @staticmethod
+    def _is_change(req: Request) -> bool:
+        if req.opcode == P.Op.OPEN:
+            flags, _ = P.OPEN_IN.unpack_from(req.body)
+            return bool(flags & _WRITE_OPEN)
+        return req.opcode in _MUTATING
+
+    def _internal_error(self, req: Request) -> None:
+        log.exception("internal error in %s", P.Op(req.opcode).name)
+        self._reply_error(req.unique, errno.EIO)
+        if self._strict:
+            self._stop = True
+            self._signals.append(signal.SIGTERM)
+
+    def _reply(self, unique: int, payload: bytes | Sequence[bytes]) -> None:
+        if isinstance(payload, bytes):
+            parts = [P.OUT_HEADER.pack(P.OUT_HEADER.size + len(payload), 0, unique), payload]
+        else:
+            size = P.OUT_HEADER.size + sum(len(part) for part in payload)
+            parts = [P.OUT_HEADER.pack(size, 0, unique), *payload]
+        self._write(parts)
+
+    def _reply_error(self, unique: int, err: int) -> None:
+        self._write([P.OUT_HEADER.pack(P.OUT_HEADER.size, -err, unique)])
+
+    def _write(self, parts: list[bytes]) -> None:
+        try:
+            os.writev(self._fd, parts)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel gave up on the request
+                raise
+
+    # ------------------------------------------------------------------ freezing
+    def freeze(self) -> None:
+        """Hold every new change; return once the changes running on workers are done."""
+        self._frozen = True
+        with self._changes:
+            while self._changes_running:
+                self._changes.wait()
+
+    def thaw(self) -> None:
+        self._frozen = False
+        held, self._held = self._held, []
+        for req in held:
+            self._serve_held(req)
+
+    def _serve_held(self, req: Request) -> None:
+        header = P.IN_HEADER.pack(P.IN_HEADER.size + len(req.body), req.opcode, req.unique,
+                                  req.nodeid, req.uid, req.gid, req.pid, 0, 0)
+        self._serve(memoryview(header + bytes(req.body)))
