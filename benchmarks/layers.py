@@ -2,7 +2,9 @@
 
 Owns everything under `CACHE/layers-<spec>-v<N>/`:
 
-    lower0/            bottom layer: tree/usr/share, tree/etc ..., and rmtree/ (the rm -rf victim)
+    lower0/            bottom layer: tree/usr/share, tree/etc ..., rmtree/ (the rm -rf victim),
+                       sizes/*.bin (one file per copy-up size below the big file), sparse/sparse.bin
+                       (a sparse file: a few MiB of data, the rest holes) and db/bench.sqlite
     lower1/            top layer: tree/usr/include, tree/usr/bin ..., tree/usr/share/man (shadowing
                        the bottom's copy, so that merged directories span both layers), big/big.bin
     plain/             the merged tree as a plain directory (the floor), made by copying the bottom
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +34,21 @@ from benchmarks.procs import run
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+KiB = 1 << 10
 MiB = 1 << 20
-LAYOUT_VERSION = 1
+GiB = 1 << 30
+# Bump when the layout or the content changes: a new version builds a new cache dir.
+LAYOUT_VERSION = 2
 
 # Paths inside every layer, the merged mount and the plain copy.
 TREE = "tree"
 BIG_FILE = "big/big.bin"
 RM_TREE = "rmtree"
+SIZES_DIR = "sizes"
+SPARSE_FILE = "sparse/sparse.bin"
+SPARSE_CHUNK = MiB  # the data extents of the sparse file, 4 of them (at 0, 1/4, 1/2, the end)
+DB_DIR = "db"
+DB_FILE = "db/bench.sqlite"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +64,11 @@ class TreeSpec:
     untar_source: str
     untar_count: int
     create_count: int
+    copy_up_sizes: tuple[int, ...]  # files in sizes/ (the big file is the largest point)
+    sparse_size: int
+    random_reads: int  # 4 KiB preads of the big file
+    fsync_count: int  # files created, written and fsynced
+    sqlite_rows: int  # about 100 bytes each
 
 
 FULL = TreeSpec(
@@ -72,6 +88,11 @@ FULL = TreeSpec(
     untar_source="/usr/include",
     untar_count=5_000,
     create_count=10_000,
+    copy_up_sizes=(4 * KiB, 64 * KiB, MiB, 16 * MiB, 256 * MiB),
+    sparse_size=4 * GiB,
+    random_reads=20_000,
+    fsync_count=10_000,
+    sqlite_rows=1_000_000,
 )
 
 QUICK = TreeSpec(
@@ -84,7 +105,25 @@ QUICK = TreeSpec(
     untar_source="/usr/include",
     untar_count=5_000,
     create_count=10_000,
+    copy_up_sizes=(4 * KiB, 64 * KiB, MiB, 16 * MiB),
+    sparse_size=GiB,
+    random_reads=5_000,
+    fsync_count=2_000,
+    sqlite_rows=100_000,
 )
+
+
+def size_name(size: int) -> str:
+    """`4 KiB`, `16 MiB`, `1 GiB`: for labels and file names (with the space dropped)."""
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} B"
+
+
+def sized_file(size: int) -> str:
+    """The path of the copy-up file of `size` bytes, inside lower0 and the merged tree."""
+    return f"{SIZES_DIR}/{size_name(size).replace(' ', '')}.bin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +169,10 @@ def _build(root: Path, spec: TreeSpec) -> None:
     skipped = _copy_sources(lower0, spec.bottom) + _copy_sources(lower1, spec.top)
     _copy(spec.rm_source, lower0 / RM_TREE)
     _write_big_file(lower1 / BIG_FILE, spec.big_size)
+    for size in spec.copy_up_sizes:
+        _write_big_file(lower0 / sized_file(size), size)
+    _write_sparse_file(lower0 / SPARSE_FILE, spec.sparse_size)
+    _write_database(lower0 / DB_FILE, spec.sqlite_rows)
     plain = partial / "plain"
     plain.mkdir()
     for lower in (lower0, lower1):  # bottom first: the top's files overwrite the bottom's
@@ -149,6 +192,14 @@ def _build(root: Path, spec: TreeSpec) -> None:
         "stat_paths": stat_count,
         "untar_files": untar_count,
         "create_files": spec.create_count,
+        "copy_up_sizes": list(spec.copy_up_sizes),
+        "sparse_bytes": spec.sparse_size,
+        "sparse_data_bytes": 4 * SPARSE_CHUNK,
+        "sparse_allocated_bytes": (lower0 / SPARSE_FILE).stat().st_blocks * 512,
+        "random_reads": spec.random_reads,
+        "fsync_files": spec.fsync_count,
+        "sqlite_rows": spec.sqlite_rows,
+        "sqlite_bytes": (lower0 / DB_FILE).stat().st_size,
         "skipped_sources": skipped,
         "build_seconds": round(time.perf_counter() - started, 1),
     }
@@ -180,12 +231,49 @@ def _write_big_file(path: Path, size: int) -> None:
     Each MiB is a window into an 8 MiB random pool at a shifting offset: neighbouring blocks
     differ, and urandom is paid for 8 MiB instead of the whole file.
     """
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     pool = memoryview(os.urandom(8 * MiB))
     with path.open("wb") as file:
-        for block in range(size // MiB):
+        for block in range(-(-size // MiB)):  # the last block may be short (the 4 KiB file)
             offset = (block * 7919 * 4096) % (len(pool) - MiB)
-            file.write(pool[offset : offset + MiB])
+            file.write(pool[offset : offset + min(MiB, size - block * MiB)])
+    path.chmod(0o644)
+
+
+def _write_sparse_file(path: Path, size: int) -> None:
+    """`size` bytes of which four SPARSE_CHUNK extents hold random data; the rest are holes.
+
+    The last extent ends the file, so its size needs no truncate (which some copies lose).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as file:
+        for offset in (0, size // 4, size // 2, size - SPARSE_CHUNK):
+            file.seek(offset)
+            file.write(os.urandom(SPARSE_CHUNK))
+    path.chmod(0o644)
+
+
+def _write_database(path: Path, rows: int) -> None:
+    """A SQLite database with one table `t(id INTEGER PRIMARY KEY, v TEXT)` of ~100-byte rows.
+
+    Built without a journal (a cut-short build is rebuilt anyway); the file is left in the
+    default rollback-journal mode, which is what the rewrite workload runs under.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode = OFF")
+        connection.execute("PRAGMA synchronous = OFF")
+        connection.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        connection.execute("BEGIN")
+        connection.executemany(
+            "INSERT INTO t (id, v) VALUES (?, ?)",
+            ((index, f"row {index:09d} " * 6 + f"{index * 2654435761 % (1 << 32):08x}")
+             for index in range(rows)),
+        )
+        connection.execute("COMMIT")
+    finally:
+        connection.close()
     path.chmod(0o644)
 
 

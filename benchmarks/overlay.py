@@ -19,11 +19,19 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks import mounts, report
-from benchmarks.layers import BIG_FILE, FULL, QUICK, Layers, ensure_layers
+from benchmarks import charts, mounts, report
+from benchmarks.layers import BIG_FILE, FULL, QUICK, SPARSE_FILE, Layers, ensure_layers, size_name
 from benchmarks.procs import CommandError, drop_caches, run, sync
 from benchmarks.systems import DEFAULT_LAYERFS, System, all_systems
-from benchmarks.workloads import GROUPS, MOUNT_KEY, Group, row_labels
+from benchmarks.workloads import (
+    MOUNT_KEY,
+    Group,
+    copy_up_points,
+    groups,
+    keys_of,
+    row_labels,
+    select,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -45,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="small tree, 256 MiB big file, 1 run: for developing the benchmark")
     parser.add_argument("--skip", action="append", default=[], metavar="SYSTEM",
                         help=f"leave out a system (repeatable): {names}")
+    parser.add_argument("--only", action="append", default=[], metavar="ROW",
+                        help="run only the groups with this key or row key (repeatable; "
+                             "shell patterns: 'copy_up*'); see benchmarks/README.md")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="directory for the JSON and markdown results")
     parser.add_argument("--layerfs", type=Path, default=DEFAULT_LAYERFS,
@@ -62,10 +73,9 @@ class Interrupted(BaseException):
 
 
 def main(args: argparse.Namespace) -> int:
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
+    handle_signals()
     try:
-        return _benchmark(args)
+        outcome = run_suite(args)
     except SetupError as exc:
         print(f"benchmarks overlay: {exc}", file=sys.stderr)
         return 2
@@ -73,6 +83,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"benchmarks overlay: interrupted by {exc}; everything it mounted is unmounted",
               file=sys.stderr)
         return 128 + exc.signum
+    return 1 if outcome.failures else 0
+
+
+def handle_signals() -> None:
+    """Turn SIGINT and SIGTERM into `Interrupted`, which unwinds (and unmounts) everything."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -84,33 +101,58 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-def _benchmark(args: argparse.Namespace) -> int:
+def check(args: argparse.Namespace) -> tuple[list[System], tuple[Group, ...]]:
+    """The systems and groups to run; SetupError if one cannot run here or none is left."""
     systems = _select_systems(args.layerfs, args.skip)
+    every = groups(QUICK if args.quick else FULL)
+    selected = select(every, args.only) if args.only else every
+    if not selected:
+        names = ", ".join(key for group in every for key in (group.key, *keys_of(group)))
+        raise SetupError(f"--only {' '.join(args.only)}: no such group or row; one of {names}")
+    return systems, selected
+
+
+def run_suite(args: argparse.Namespace) -> report.Outcome:
+    """Run the benchmark as `args` says; write its JSON, markdown and charts to `args.out`.
+
+    `args.stamp` (optional) names the files (`overlay-STAMP.*`), so that `all` can give both
+    suites one. Raises SetupError before anything is mounted when it cannot run here.
+    """
+    systems, selected = check(args)
     runs = args.runs if args.runs is not None else 1 if args.quick else 3
     cache_dir = args.cache.resolve()
+    began = time.perf_counter()
     with ExitStack() as stack:
         _lock(stack, cache_dir)
         layers = ensure_layers(cache_dir, QUICK if args.quick else FULL)
         run_dir = _run_dir(stack, cache_dir)
         started = time.perf_counter()
         machine = report.machine_facts(cache_dir)
-        results = _measure(systems, layers, run_dir, runs)
+        results = _measure(systems, selected, layers, run_dir, runs)
         document = _document(args, runs, systems, layers, results, machine, started)
         document["machine_after"] = report.machine_facts(cache_dir)
-    table = report.markdown(results, _title(args, runs, layers))
-    path = report.write_outputs(args.out, time.strftime("overlay-%Y%m%d-%H%M%S"), document, table)
+    stem = f"overlay-{getattr(args, 'stamp', None) or time.strftime('%Y%m%d-%H%M%S')}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    drawn = _charts(args.out, stem, results, layers)
+    document["charts"] = [path.name for _, path in drawn]
+    table = report.markdown(results, _title(args, runs, layers), _notes(results, layers), drawn)
+    path = report.write_outputs(args.out, stem, document, table)
     print(table)
     print(f"results: {path} and {path.with_suffix('.json')}")
-    return 1 if results.failures else 0
+    return report.Outcome("overlay", path, path.with_suffix(".json"),
+                          tuple(chart for _, chart in drawn), len(results.failures),
+                          time.perf_counter() - began)
 
 
-def _measure(systems: list[System], layers: Layers, run_dir: Path, runs: int) -> report.Results:
+def _measure(
+    systems: list[System], selected: Sequence[Group], layers: Layers, run_dir: Path, runs: int
+) -> report.Results:
     """Every group on every system, `runs` times; each group's systems run back to back, so
     that they are measured under the same conditions, first one rotating from run to run."""
-    results = report.Results([system.name for system in systems], row_labels(layers))
+    results = report.Results([system.name for system in systems], row_labels(layers, selected))
     for run_index in range(runs):
         order = systems[run_index % len(systems):] + systems[: run_index % len(systems)]
-        for group in GROUPS:
+        for group in selected:
             for system in order:
                 _run_group_safely(system, group, layers, run_dir, run_index, results)
     return results
@@ -190,7 +232,7 @@ def _run_group_safely(
     results.note_load(group.key, system.name, run_index)
     try:
         scratch = run_dir / f"{group.key}-{system.name}-{run_index}"
-        timings = _run_group(system, group, layers, scratch)
+        timings = _run_group(system, group, layers, scratch, results)
     except (CommandError, OSError, ValueError) as exc:
         print(f"FAILED: {exc}", flush=True)
         results.fail(group.key, system.name, run_index, exc)
@@ -202,7 +244,9 @@ def _run_group_safely(
     print("  ".join(f"{key}={seconds:.3f}" for key, seconds in timings.items()), flush=True)
 
 
-def _run_group(system: System, group: Group, layers: Layers, scratch: Path) -> dict[str, float]:
+def _run_group(
+    system: System, group: Group, layers: Layers, scratch: Path, results: report.Results
+) -> dict[str, float]:
     timings: dict[str, float] = {}
     with ExitStack() as stack:
         scratch.mkdir()
@@ -219,6 +263,8 @@ def _run_group(system: System, group: Group, layers: Layers, scratch: Path) -> d
             sync()
         for measure in group.measures:
             timings[measure.key] = measure.run(root.path, layers)
+            if measure.check is not None:
+                results.add_check(measure.key, system.name, measure.check(root))
     return timings
 
 
@@ -231,9 +277,57 @@ def _remove_big_copies(scratch: Path) -> None:
     if mounts.mounts_under(scratch):
         return  # never delete through a mount; the unmount failure is already on its way up
     for directory in ("upper", "root"):
-        big = scratch / directory / BIG_FILE
-        if big.is_file() and not big.is_symlink():
-            big.unlink()
+        for name in (BIG_FILE, SPARSE_FILE):
+            big = scratch / directory / name
+            if big.is_file() and not big.is_symlink():
+                big.unlink()
+
+
+def _charts(
+    out_dir: Path, stem: str, results: report.Results, layers: Layers
+) -> list[tuple[str, Path]]:
+    """The ratio bars (every row, each system against the kernel) and the copy-up curve."""
+    summary = results.summary()
+    drawn: list[tuple[str, Path]] = []
+    if "kernel" in results.systems:
+        rows = {key: label for key, label in results.labels.items() if key in summary}
+        series = charts.system_ratios(summary, rows, results.systems, "kernel")
+        path = charts.ratio_bars(out_dir / f"{stem}-ratios.png",
+                                 "Median time relative to the kernel's overlayfs", rows, series,
+                                 "the kernel's overlayfs")
+        if path is not None:
+            drawn.append(("each system's median relative to the kernel's overlayfs", path))
+    points = {key: size for key, size in copy_up_points(layers).items() if key in summary}
+    if len(points) > 1:
+        path = charts.copy_up_curve(out_dir / f"{stem}-copy-up.png",
+                                    "Copy-up latency by file size (median, min-max band)",
+                                    summary, points, results.systems)
+        if path is not None:
+            drawn.append(("copy-up latency by file size, one line per system", path))
+    return drawn
+
+
+def _notes(results: report.Results, layers: Layers) -> list[str]:
+    """A paragraph on the sparse file: did each system's copy keep its holes?"""
+    checks = results.checks.get("copy_up_sparse")
+    if not checks:
+        return []
+    lower = int(str(layers.facts["sparse_allocated_bytes"]))
+    parts = []
+    for system in results.systems:
+        stored = [entry.get("stored_allocated_bytes") for entry in checks.get(system, [])]
+        sizes = [int(str(value)) for value in stored if value is not None]
+        if not sizes:
+            if system in checks:
+                parts.append(f"{system}: no copy found")
+            continue
+        biggest = max(sizes)
+        verdict = "holes kept" if biggest <= 2 * lower + (1 << 20) else "**holes filled**"
+        parts.append(f"{system} {biggest / (1 << 20):,.1f} MiB ({verdict})")
+    size = size_name(int(str(layers.facts["sparse_bytes"])))
+    return [f"Sparse file: space the {size} file's copy takes after its first write "
+            f"(`st_blocks` of the upper copy; the lower file takes {lower / (1 << 20):,.1f} "
+            f"MiB): {', '.join(parts)}."]
 
 
 def _document(
@@ -242,7 +336,7 @@ def _document(
 ) -> dict[str, object]:
     return {
         "benchmark": "overlay",
-        "config": {"runs": runs, "quick": args.quick, "skip": args.skip,
+        "config": {"runs": runs, "quick": args.quick, "skip": args.skip, "only": args.only,
                    "layerfs": str(args.layerfs), "wall_seconds": time.perf_counter() - started},
         "machine": machine,
         "layers": {"root": str(layers.root), **layers.facts,
@@ -251,6 +345,8 @@ def _document(
         "workloads": results.labels,
         "timings": results.timings,
         "summary": results.summary(),
+        "checks": results.checks,
+        "copy_up_points": copy_up_points(layers),
         "failures": results.failures,
         "load_at_group_start": results.loads,
     }

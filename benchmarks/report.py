@@ -1,6 +1,7 @@
 """Results: raw timings, their summary, the markdown table and the machine facts.
 
-Knows nothing about how timings were taken; it only turns them into the JSON and markdown files.
+Knows nothing about how timings were taken; it only turns them into the JSON and markdown files
+(charts are `benchmarks.charts`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks import mounts
 from benchmarks.procs import REPO_ROOT, CommandError, run
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 RATIOS = (("layerfs", "kernel"), ("layerfs", "fuse-overlayfs"))
 
@@ -27,6 +32,8 @@ class Results:
     failures: list[dict[str, object]] = field(default_factory=list)
     # The 1-minute load average as each group started: other work on the CPUs explains outliers.
     loads: list[dict[str, object]] = field(default_factory=list)
+    # Facts a workload records beside its timing (e.g. blocks allocated): key → system → runs.
+    checks: dict[str, dict[str, list[dict[str, object]]]] = field(default_factory=dict)
 
     def note_load(self, group: str, system: str, run_index: int) -> None:
         load = float(Path("/proc/loadavg").read_text().split()[0])
@@ -34,6 +41,9 @@ class Results:
 
     def add(self, workload: str, system: str, seconds: float) -> None:
         self.timings.setdefault(workload, {}).setdefault(system, []).append(seconds)
+
+    def add_check(self, workload: str, system: str, facts: dict[str, object]) -> None:
+        self.checks.setdefault(workload, {}).setdefault(system, []).append(facts)
 
     def fail(self, group: str, system: str, run_index: int, error: BaseException) -> None:
         self.failures.append(
@@ -55,8 +65,22 @@ class Results:
         }
 
 
-def markdown(results: Results, title: str) -> str:
-    """Medians in seconds with layerfs ratios, then min-max per cell, then any failures."""
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one suite wrote, for the combined summary of `python -m benchmarks all`."""
+
+    suite: str
+    markdown: Path
+    json: Path
+    charts: tuple[Path, ...]
+    failures: int
+    wall_seconds: float
+
+
+def markdown(results: Results, title: str, notes: Sequence[str] = (),
+             charts: Sequence[tuple[str, Path]] = ()) -> str:
+    """Medians in seconds with layerfs ratios, then min-max per cell, then `notes` (paragraphs),
+    the `charts` (alt text, PNG next to the markdown) and any failures."""
     summary = results.summary()
     ratios = [pair for pair in RATIOS if set(pair) <= set(results.systems)]
     header = ["workload", *results.systems, *(f"{a}/{b}" for a, b in ratios)]
@@ -68,8 +92,19 @@ def markdown(results: Results, title: str) -> str:
     lines += ["", "Min - max seconds.", "", *_table_head(["workload", *results.systems])]
     for key, label in results.labels.items():
         lines.append(_row([label, *(_range_cell(summary, key, s) for s in results.systems)]))
+    for note in notes:
+        lines += ["", note]
+    lines += chart_lines(charts)
     lines += footer(results, "groups")
     return "\n".join(lines) + "\n"
+
+
+def chart_lines(charts: Sequence[tuple[str, Path]]) -> list[str]:
+    """Markdown images, linked by file name: the charts live next to the markdown."""
+    lines: list[str] = []
+    for alt, path in charts:
+        lines += ["", f"![{alt}]({path.name})"]
+    return lines
 
 
 def footer(results: Results, units: str) -> list[str]:

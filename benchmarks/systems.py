@@ -34,6 +34,7 @@ DEFAULT_LAYERFS = Path("/work/main/.venv/bin/layerfs-overlay")
 class Root:
     path: Path
     mount_seconds: float | None  # how long the mount command took; None for the plain dir
+    upper: Path | None = None  # where an overlay stores what changes; None for the plain dir
 
 
 class System(Protocol):
@@ -76,7 +77,7 @@ class _Overlay:
     def _record(self, mountpoint: Path, seconds: float) -> Root:
         entry = mounts.wait_until_mounted(mountpoint, MOUNT_DEADLINE)
         self.mount_line = entry.describe()
-        return Root(mountpoint, seconds)
+        return Root(mountpoint, seconds, upper=mountpoint.parent / "upper")
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""The workloads, grouped by the mount they run on.
+"""The workloads, grouped by the mount they run on; `groups(spec)` lists them in table order.
 
 A group is one fresh mount (a fresh upper dir for the overlays) and the measurements taken on it,
 in order. Read groups start cold: caches dropped before the mount (so the mount time is cold too)
@@ -11,18 +11,36 @@ inside the operation pays for it, as its users do).
 
 from __future__ import annotations
 
+import fnmatch
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from benchmarks.layers import BIG_FILE, RM_TREE, TREE, Layers
+from benchmarks.layers import (
+    BIG_FILE,
+    DB_DIR,
+    DB_FILE,
+    RM_TREE,
+    SPARSE_FILE,
+    TREE,
+    Layers,
+    TreeSpec,
+    size_name,
+    sized_file,
+)
 from benchmarks.procs import run_op, timed, timed_shell
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
     from pathlib import Path
 
+    from benchmarks.systems import Root
+
 CREATE_DIR = f"{TREE}/usr/share/bench-create"  # under a lower dir: its parents get copied up
+FSYNC_DIR = f"{TREE}/usr/share/bench-fsync"
 UNTAR_DIR = "untar"
+RANDOM_SEED = 6  # the same offsets on every system and every run
+CHOWN_OWNER = "65534:65534"  # nobody:nogroup, numeric: no name lookup inside the timing
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +48,8 @@ class Measure:
     key: str
     label: str  # may name counts from the layer facts, e.g. {tree_entries}
     run: Callable[[Path, Layers], float]
+    # Facts to record after the run (e.g. blocks allocated to the upper copy), from the root.
+    check: Callable[[Root], dict[str, object]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +74,15 @@ def _stat_warm(root: Path, layers: Layers) -> float:
     return run_op("stat", str(root), str(layers.stat_list))
 
 
+def _stat_cold(root: Path, layers: Layers) -> float:
+    return run_op("stat-cold", str(root), str(layers.stat_list))
+
+
+def _ls(root: Path, layers: Layers) -> float:
+    # -l: every entry is stat'ed (and symlinks read) besides being listed.
+    return timed(["ls", "-lR", str(root)])
+
+
 def _read_tree(root: Path, layers: Layers) -> float:
     # GNU tar skips reading file data when its archive is /dev/null; a pipe makes it read it all.
     return timed_shell('tar -C "$1" -cf - . | cat > /dev/null', str(root / TREE))
@@ -63,8 +92,35 @@ def _read_big(root: Path, layers: Layers) -> float:
     return timed(["dd", f"if={root / BIG_FILE}", "of=/dev/null", "bs=1M", "status=none"])
 
 
+def _random_reads(root: Path, layers: Layers) -> float:
+    return run_op("random-read", str(root / BIG_FILE), str(layers.spec.random_reads),
+                  str(RANDOM_SEED))
+
+
 def _copy_up(root: Path, layers: Layers) -> float:
     return run_op("write-first-byte", str(root / BIG_FILE))
+
+
+def _copy_up_of(path: str) -> Callable[[Path, Layers], float]:
+    def copy_up(root: Path, layers: Layers) -> float:
+        return run_op("write-first-byte", str(root / path))
+
+    return copy_up
+
+
+def _sparse_blocks(root: Root) -> dict[str, object]:
+    """What the sparse file's copy occupies after the first write: in the upper dir (the copy
+    itself; for the plain dir, the file) and as `stat` reports it through the mount."""
+    found: dict[str, object] = {}
+    for where, base in (("stored", root.upper or root.path), ("through_mount", root.path)):
+        try:
+            stat = os.lstat(base / SPARSE_FILE)
+        except FileNotFoundError:
+            found[f"{where}_allocated_bytes"] = None
+        else:
+            found[f"{where}_allocated_bytes"] = stat.st_blocks * 512
+            found["size"] = stat.st_size
+    return found
 
 
 def _chmod_big(root: Path, layers: Layers) -> float:
@@ -73,6 +129,10 @@ def _chmod_big(root: Path, layers: Layers) -> float:
 
 def _create(root: Path, layers: Layers) -> float:
     return run_op("create", str(root / CREATE_DIR), str(layers.spec.create_count))
+
+
+def _create_fsync(root: Path, layers: Layers) -> float:
+    return run_op("create", str(root / FSYNC_DIR), str(layers.spec.fsync_count), "yes")
 
 
 def _untar(root: Path, layers: Layers) -> float:
@@ -89,7 +149,80 @@ def _chmod_tree(root: Path, layers: Layers) -> float:
     return timed(["chmod", "-R", "o-rwx", str(root / RM_TREE)])
 
 
-GROUPS: tuple[Group, ...] = (
+def _chown_tree(root: Path, layers: Layers) -> float:
+    # chown -R without -H/-L changes symlinks themselves (lchown), never what they point at.
+    return timed(["chown", "-R", CHOWN_OWNER, str(root / RM_TREE)])
+
+
+def _sqlite(root: Path, layers: Layers) -> float:
+    return run_op("sqlite-rewrite", str(root / DB_FILE))
+
+
+def groups(spec: TreeSpec) -> tuple[Group, ...]:
+    """Every group, in run and table order, for the layers built from `spec`."""
+    return _READ_GROUPS + _copy_up_groups(spec) + _WRITE_GROUPS
+
+
+def copy_up_points(layers: Layers) -> dict[str, int]:
+    """Copy-up row key → the size of the (dense) file it writes to, smallest first."""
+    points = {_copy_up_key(size): size for size in layers.spec.copy_up_sizes}
+    points["copy_up"] = layers.spec.big_size
+    return points
+
+
+def select(all_groups: Iterable[Group], patterns: Iterable[str]) -> tuple[Group, ...]:
+    """The groups named by a pattern (fnmatch) matching the group's key or one of its rows."""
+    wanted = list(patterns)
+    return tuple(
+        group for group in all_groups
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in wanted
+               for name in (group.key, *keys_of(group)))
+    )
+
+
+def keys_of(group: Group) -> list[str]:
+    """The row keys a group reports: its measures, and the mount time if it records it."""
+    return [MOUNT_KEY] * group.record_mount + [measure.key for measure in group.measures]
+
+
+def _copy_up_key(size: int) -> str:
+    return "copy_up_" + size_name(size).replace(" ", "")
+
+
+def _copy_up_groups(spec: TreeSpec) -> tuple[Group, ...]:
+    """One group per size (each a fresh mount with only its own file warm), then the big file
+    (row key `copy_up`, as before the sizes were added), then the sparse file."""
+    sized = tuple(
+        Group(
+            _copy_up_key(size),
+            changes=(sized_file(size),),
+            warm=(sized_file(size),),
+            measures=(Measure(_copy_up_key(size),
+                              f"first write to {size_name(size)} file (copy-up)",
+                              _copy_up_of(sized_file(size))),),
+        )
+        for size in spec.copy_up_sizes
+    )
+    return (
+        *sized,
+        Group(
+            "copy_up",
+            changes=(BIG_FILE,),
+            warm=(BIG_FILE,),
+            measures=(Measure("copy_up", "first write to {big_size} file (copy-up)", _copy_up),),
+        ),
+        Group(
+            "copy_up_sparse",
+            changes=(SPARSE_FILE,),
+            warm=(SPARSE_FILE,),
+            measures=(Measure("copy_up_sparse",
+                              "first write to sparse {sparse_size} file ({sparse_data} of data)",
+                              _copy_up_of(SPARSE_FILE), check=_sparse_blocks),),
+        ),
+    )
+
+
+_READ_GROUPS: tuple[Group, ...] = (
     Group(
         "walk",
         cold=True,
@@ -98,6 +231,19 @@ GROUPS: tuple[Group, ...] = (
             Measure("walk_cold", "walk cold (`find`, {merged_entries} entries)", _find),
             Measure("walk_warm", "walk warm (`find`)", _find),
             Measure("stat_warm", "stat {stat_paths} paths warm", _stat_warm),
+        ),
+    ),
+    Group(
+        "stat_cold",
+        cold=True,
+        measures=(Measure("stat_cold", "stat {stat_paths} paths cold", _stat_cold),),
+    ),
+    Group(
+        "ls",
+        cold=True,
+        measures=(
+            Measure("ls_cold", "`ls -lR` cold", _ls),
+            Measure("ls_warm", "`ls -lR` warm", _ls),
         ),
     ),
     Group(
@@ -116,11 +262,17 @@ GROUPS: tuple[Group, ...] = (
         ),
     ),
     Group(
-        "copy_up",
-        changes=(BIG_FILE,),
-        warm=(BIG_FILE,),
-        measures=(Measure("copy_up", "first write to {big_mib} MiB file (copy-up)", _copy_up),),
+        "read_random",
+        cold=True,
+        measures=(
+            Measure("read_random_cold",
+                    "{random_reads} random 4 KiB reads of {big_size} file cold", _random_reads),
+            Measure("read_random_warm", "the same reads warm", _random_reads),
+        ),
     ),
+)
+
+_WRITE_GROUPS: tuple[Group, ...] = (
     Group(
         "chmod_big",
         changes=(BIG_FILE,),
@@ -131,6 +283,12 @@ GROUPS: tuple[Group, ...] = (
         "create",
         changes=(),
         measures=(Measure("create", "create {create_files} files of 100 B", _create),),
+    ),
+    Group(
+        "create_fsync",
+        changes=(),
+        measures=(Measure("create_fsync", "create, write, fsync {fsync_files} files of 100 B",
+                          _create_fsync),),
     ),
     Group(
         "untar",
@@ -149,18 +307,37 @@ GROUPS: tuple[Group, ...] = (
         warm=(RM_TREE,),
         measures=(Measure("chmod_tree", "chmod -R lower tree", _chmod_tree),),
     ),
+    Group(
+        "chown_tree",
+        changes=(RM_TREE,),
+        warm=(RM_TREE,),
+        measures=(Measure("chown_tree", "chown -R lower tree", _chown_tree),),
+    ),
+    Group(
+        "sqlite",
+        changes=(DB_DIR,),  # the dir: SQLite creates its rollback journal beside the database
+        warm=(DB_DIR,),
+        measures=(Measure("sqlite", "SQLite: rewrite every row of a {sqlite_mb} MB lower "
+                          "database ({sqlite_rows} rows, one transaction)", _sqlite),),
+    ),
 )
 
 
-def row_labels(layers: Layers) -> dict[str, str]:
+def row_labels(layers: Layers, selected: Iterable[Group]) -> dict[str, str]:
     """Workload key → table label with this build's counts filled in, in table order."""
     facts = dict(layers.facts)
     facts["tree_mib"] = round(int(str(facts["tree_bytes"])) / (1 << 20))
     facts["big_mib"] = int(str(facts["big_file_bytes"])) >> 20
+    facts["big_size"] = size_name(int(str(facts["big_file_bytes"])))
+    facts["sparse_size"] = size_name(int(str(facts["sparse_bytes"])))
+    facts["sparse_data"] = size_name(int(str(facts["sparse_data_bytes"])))
+    facts["sqlite_mb"] = round(int(str(facts["sqlite_bytes"])) / 1e6)
     counts = {key: f"{value:,}" if isinstance(value, int) else value
               for key, value in facts.items()}
-    labels = {MOUNT_KEY: MOUNT_LABEL}
-    for group in GROUPS:
+    labels = {}
+    for group in selected:
+        if group.record_mount:
+            labels[MOUNT_KEY] = MOUNT_LABEL
         for measure in group.measures:
             labels[measure.key] = measure.label.format(**counts)
     return labels
