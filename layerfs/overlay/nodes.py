@@ -33,6 +33,10 @@ def make_ino(layer: int, st_ino: int) -> int:
     return ((layer + 1) << _LAYER_SHIFT) | st_ino
 
 
+_moves = [0]
+"""How many times a directory moved (renamed, or found at a new name) in this process."""
+
+
 @dataclass(slots=True, eq=False)
 class Node:
     ino: int
@@ -57,20 +61,35 @@ class Node:
     data_gen: int = 0
     """Goes up when the data moves to another real file: open readers follow it."""
     open_fds: list[int] = field(default_factory=list)
+    cached_path: bytes | None = None
+    path_moves: int = -1
 
     def changed(self) -> None:
         """The directory's entries changed: forget its cached listing and children."""
         self.listing = None
         self.child_inos.clear()
 
+    def move(self, parent: Node, name: bytes) -> None:
+        """A directory now lives at `name` in `parent`: every cached path may be stale."""
+        if self.parent is not None:  # a node seen for the first time moved nothing
+            _moves[0] += 1
+        self.parent, self.name = parent, name
+
     def path(self) -> bytes:
-        """The merged path of a directory, b"" for the root, b"/a/b" below it."""
+        """The merged path of a directory, b"" for the root, b"/a/b" below it.
+
+        Cached until any directory moves (rare), since every upper access builds a path.
+        """
+        if self.path_moves == _moves[0] and self.cached_path is not None:
+            return self.cached_path
         parts: list[bytes] = []
         node: Node | None = self
         while node is not None and node.parent is not None:
             parts.append(node.name)
             node = node.parent
-        return b"".join(b"/" + part for part in reversed(parts))
+        path = b"".join(b"/" + part for part in reversed(parts))
+        self.cached_path, self.path_moves = path, _moves[0]
+        return path
 
     def is_ancestor_of(self, other: Node) -> bool:
         node: Node | None = other

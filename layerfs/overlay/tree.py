@@ -207,7 +207,8 @@ class MergedTree:
         """The node for a resolved name, its location brought up to date."""
         node = self.nodes.claim(self._ino_of(found), found.is_dir)
         if found.is_dir:
-            node.parent, node.name = parent, name
+            if node.parent is not parent or node.name != name:
+                node.move(parent, name)
             node.lowers = found.lowers
             node.in_upper = found.layer == UPPER
         else:
