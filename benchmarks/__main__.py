@@ -1,26 +1,39 @@
-"""Command line: `python -m benchmarks overlay|images [--runs N] [--quick] [--out DIR] ...`."""
+"""Command line: `python -m benchmarks [all|overlay|images] [--quick] [--runs N] [--skip SYSTEM]
+[--only ROW] [--out DIR] ...`; without a command, `all` (both suites and one summary)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import images, overlay
+from benchmarks import all_suites, images, overlay
+
+COMMANDS = ("all", "overlay", "images")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    all_suites.add_arguments(
+        commands.add_parser("all", help="the overlay suite, then the images suite, with one "
+                            "combined summary (the default)")
+    )
     overlay.add_arguments(
         commands.add_parser("overlay", help="copy-on-write benchmark against fuse-overlayfs, "
                             "the kernel's overlayfs and a plain directory")
     )
     images.add_arguments(
-        commands.add_parser("images", help="import, load, mount, commit and pull against umoci, "
-                            "skopeo, fuse-overlayfs and the kernel's overlayfs")
+        commands.add_parser("images", help="import, load, mount, commit, pull and dpkg -i against "
+                            "umoci, skopeo, fuse-overlayfs and the kernel's overlayfs")
     )
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["all", *argv]  # no command: `all`, with whatever options were given
     args = parser.parse_args(argv)
-    return images.main(args) if args.command == "images" else overlay.main(args)
+    if args.command == "images":
+        return images.main(args)
+    if args.command == "overlay":
+        return overlay.main(args)
+    return all_suites.main(args)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 import (tarball) and load (OCI layout) against `umoci unpack`; mount of a stored image against
 fuse-overlayfs and the kernel's overlayfs over the same layer dir; commit of 10,000 changed files
 (and of one) against `umoci repack`; pull from a loopback registry against `skopeo copy` +
-`umoci unpack`. See benchmarks/README.md for what is timed and under which conditions.
+`umoci unpack`; `dpkg -i` of a set of .debs in a chroot of the image mounted by layerfs,
+fuse-overlayfs and the kernel's overlayfs, and in a plain copy. See benchmarks/README.md for what
+is timed and under which conditions.
 
 Order of work: refuse to start where a tool is missing (naming it), take the cache dir's lock
 (shared with the overlay benchmark, so that the two never measure each other), build or reuse
@@ -15,27 +17,27 @@ under the run dir after a trial stops the benchmark.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
-import signal
 import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks import images_registry, mounts, report
-from benchmarks.images_inputs import DEFAULT_TARBALL, ensure_inputs
-from benchmarks.images_report import ROWS, markdown, median_imports, targets
+from benchmarks import charts, images_dpkg, images_registry, mounts, report
+from benchmarks.images_inputs import DEFAULT_TARBALL, LAYOUT_VERSION, ensure_inputs
+from benchmarks.images_report import ROWS, _counts, markdown, median_imports, ratio, targets
 from benchmarks.images_workloads import GROUPS, Context, Group, Trial
 from benchmarks.overlay import (
     DEFAULT_CACHE,
     DEFAULT_OUT,
     Interrupted,
     SetupError,
-    _interrupt,
     _lock,
     _run_dir,
+    handle_signals,
 )
 from benchmarks.procs import CommandError, run
 from benchmarks.systems import _version_of
@@ -50,7 +52,13 @@ FULL_MOUNT_SAMPLES, QUICK_MOUNT_SAMPLES = 3, 1
 WARM_IMPORTS = ("import layerfs.cli.main, layerfs.cli.commands_containers, "
                 "layerfs.cli.commands_images, layerfs.cli.commands_registry, "
                 "layerfs.cli.overlay_main, benchmarks.images_ops")
-TOOLS = ("umoci", "skopeo", "docker-registry", "fuse-overlayfs", "fusermount3", "tar", "gzip")
+ALL_GROUPS: tuple[Group, ...] = (*GROUPS, Group("dpkg", images_dpkg.TRIALS))
+# What `--skip` may name (a trial is left out when it needs one of them) and the tools each needs.
+SKIPPABLE: dict[str, tuple[str, ...]] = {
+    "layerfs": ("fusermount3",), "fuse-overlayfs": ("fuse-overlayfs", "fusermount3"),
+    "kernel": (), "plain": (), "umoci": ("umoci",), "skopeo": ("skopeo",),
+}
+TOOLS = ("tar", "gzip")  # always: the floors, and the commit floor's `tar | gzip`
 
 LABELS = {
     "import": "import", "import_none": "import --compression none", "load": "load",
@@ -59,6 +67,7 @@ LABELS = {
     "cli_imports_exit": "python + mount imports, os._exit",
     "commit_many": "commit many", "commit_one": "commit one", "change_many": "apply changes",
     "pull": "pull + unpack", "pull_copy": "skopeo copy", "pull_unpack": "umoci unpack (pulled)",
+    "dpkg": "dpkg -i in a chroot",
 }
 SYSTEMS = ["layerfs", "layerfs-overlay", "umoci", "skopeo", "skopeo+umoci", "fuse-overlayfs",
            "kernel", "tar", "tar|gzip", "plain dir", "python"]
@@ -69,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs of every trial (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help=f"1 run, 1 mount sample, {QUICK_CHANGES:,} changes: for developing")
+    parser.add_argument("--skip", action="append", default=[], metavar="SYSTEM",
+                        help=f"leave out the trials that use a system (repeatable): "
+                             f"{', '.join(SKIPPABLE)}")
+    parser.add_argument("--only", action="append", default=[], metavar="GROUP",
+                        help="run only these groups (repeatable; shell patterns): "
+                             f"{', '.join(group.key for group in ALL_GROUPS)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="directory for the JSON and markdown results")
     parser.add_argument("--layerfs", type=Path, default=DEFAULT_LAYERFS,
@@ -81,10 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
+    handle_signals()
     try:
-        return _benchmark(args)
+        outcome = run_suite(args)
     except SetupError as exc:
         print(f"benchmarks images: {exc}", file=sys.stderr)
         return 2
@@ -95,13 +109,20 @@ def main(args: argparse.Namespace) -> int:
         print(f"benchmarks images: interrupted by {exc}; everything it mounted is unmounted",
               file=sys.stderr)
         return 128 + exc.signum
+    return 1 if outcome.failures else 0
 
 
-def _benchmark(args: argparse.Namespace) -> int:
-    _check_tools(args.layerfs)
+def run_suite(args: argparse.Namespace) -> report.Outcome:
+    """Run the benchmark as `args` says; write its JSON, markdown and chart to `args.out`.
+
+    `args.stamp` (optional) names the files (`images-STAMP.*`). Raises SetupError before
+    anything is built or mounted when a selected trial cannot run here.
+    """
+    selected = check(args)
     runs = args.runs if args.runs is not None else 1 if args.quick else 3
     cache_dir = args.cache.resolve()
     started = time.perf_counter()
+    keys = {group.key for group in selected}
     with ExitStack() as stack:
         _lock(stack, cache_dir)
         inputs = ensure_inputs(cache_dir, args.tarball.resolve(),
@@ -114,29 +135,75 @@ def _benchmark(args: argparse.Namespace) -> int:
             python=_python_of(args.layerfs), inputs=inputs, run_dir=run_dir,
             mount_samples=QUICK_MOUNT_SAMPLES if args.quick else FULL_MOUNT_SAMPLES,
         )
-        address = images_registry.start(stack, run_dir / "registry")
-        ctx.registry_ref = images_registry.push(inputs.image, address)
-        results = _measure(ctx, runs)
+        if "dpkg" in keys:
+            ctx.debs = images_dpkg.ensure_debs(cache_dir)
+            inputs.facts["debs"] = len(ctx.debs.files)
+        if "pull" in keys:
+            address = images_registry.start(stack, run_dir / "registry")
+            ctx.registry_ref = images_registry.push(inputs.image, address)
+        results = _measure(ctx, selected, runs)
         document = _document(args, runs, ctx, results, machine, started, bytecode)
         document["machine_after"] = report.machine_facts(cache_dir)
-    table = markdown(results, _title(args, runs, inputs.facts), inputs.facts, ctx.import_samples)
-    path = report.write_outputs(args.out, time.strftime("images-%Y%m%d-%H%M%S"), document, table)
+    stem = f"images-{getattr(args, 'stamp', None) or time.strftime('%Y%m%d-%H%M%S')}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    drawn = _charts(args.out, stem, results, inputs.facts)
+    document["charts"] = [path.name for _, path in drawn]
+    table = markdown(results, _title(args, runs, inputs.facts), inputs.facts, ctx.import_samples,
+                     drawn)
+    path = report.write_outputs(args.out, stem, document, table)
     print(table)
     print(f"results: {path} and {path.with_suffix('.json')}")
-    return 1 if results.failures else 0
+    return report.Outcome("images", path, path.with_suffix(".json"),
+                          tuple(chart for _, chart in drawn), len(results.failures),
+                          time.perf_counter() - started, results.summary(), results.labels,
+                          inputs.facts, machine)
 
 
-def _check_tools(layerfs: Path) -> None:
+def check(args: argparse.Namespace) -> tuple[Group, ...]:
+    """The groups to run, each with the trials `--skip` leaves; SetupError naming what is
+    missing for them (or when nothing is left)."""
+    unknown = set(args.skip) - set(SKIPPABLE)
+    if unknown:
+        raise SetupError(f"--skip {', '.join(sorted(unknown))}: unknown system; one of "
+                         f"{', '.join(SKIPPABLE)}")
+    selected = tuple(
+        Group(group.key, trials)
+        for group in ALL_GROUPS
+        if not args.only or any(fnmatch.fnmatchcase(group.key, name) for name in args.only)
+        if (trials := tuple(trial for trial in group.trials
+                            if not set(trial.needs) & set(args.skip)))
+    )
+    if not selected:
+        raise SetupError("nothing left to run: --only and --skip leave out every trial; groups: "
+                         f"{', '.join(group.key for group in ALL_GROUPS)}")
+    _check_tools(args, selected)
+    return selected
+
+
+def _check_tools(args: argparse.Namespace, selected: tuple[Group, ...]) -> None:
     if os.geteuid() != 0:
         raise SetupError("must run as root (it mounts, and umoci unpacks as root)")
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    for program in (layerfs, layerfs.parent / "layerfs-overlay"):
-        if not os.access(program, os.X_OK):
-            missing.append(f"{program} (pip install -e ., or pass --layerfs PATH)")
-    if "\toverlay\n" not in Path("/proc/filesystems").read_text():
+    needs = {name for group in selected for trial in group.trials for name in trial.needs}
+    tools = [*TOOLS, *(tool for name in sorted(needs) for tool in SKIPPABLE[name])]
+    if not (args.cache.resolve() / f"images-v{LAYOUT_VERSION}" / "READY").exists():
+        tools.append("umoci")  # to build the OCI layout, once
+    keys = {group.key for group in selected}
+    if "pull" in keys:
+        tools += ["docker-registry", "skopeo"]
+    if "dpkg" in keys:
+        tools.append("chroot")
+    missing = [tool for tool in dict.fromkeys(tools) if shutil.which(tool) is None]
+    if "dpkg" in keys and (reason := images_dpkg.debs_missing(args.cache.resolve())):
+        missing.append(reason)
+    if "layerfs" in needs:
+        for program in (args.layerfs, args.layerfs.parent / "layerfs-overlay"):
+            if not os.access(program, os.X_OK):
+                missing.append(f"{program} (pip install -e ., or pass --layerfs PATH)")
+    if "kernel" in needs and "\toverlay\n" not in Path("/proc/filesystems").read_text():
         missing.append("the kernel's overlayfs (modprobe overlay)")
     if missing:
-        raise SetupError(f"missing: {', '.join(missing)}")
+        raise SetupError(f"missing: {', '.join(missing)}; or --skip the systems that need them "
+                         f"({', '.join(SKIPPABLE)})")
 
 
 def _bytecode_cache(cache_dir: Path, python: Path) -> str:
@@ -161,10 +228,10 @@ def _python_of(layerfs: Path) -> Path:
     return Path(sys.executable)
 
 
-def _measure(ctx: Context, runs: int) -> report.Results:
+def _measure(ctx: Context, selected: tuple[Group, ...], runs: int) -> report.Results:
     results = report.Results(SYSTEMS, LABELS)
     for run_index in range(runs):
-        for group in GROUPS:
+        for group in selected:
             shift = run_index % len(group.trials)
             for trial in group.trials[shift:] + group.trials[:shift]:
                 _run_trial_safely(ctx, group, trial, run_index, results)
@@ -197,6 +264,19 @@ def _run_trial_safely(
                         for workload, system, seconds in rows), flush=True)
 
 
+def _charts(
+    out_dir: Path, stem: str, results: report.Results, facts: dict[str, object]
+) -> list[tuple[str, Path]]:
+    """One bar per compared row: layerfs's median over its peer's."""
+    summary = results.summary()
+    rows = {row.label: f"{row.label.format(**_counts(facts))} (vs {row.peer.name})"
+            for row in ROWS if row.peer is not None and ratio(summary, row) is not None}
+    values: list[float | None] = [ratio(summary, row) for row in ROWS if row.label in rows]
+    path = charts.ratio_bars(out_dir / f"{stem}-ratios.png", "layerfs's median relative to "
+                             "its peer's", rows, {"layerfs / peer": values}, "the peer")
+    return [] if path is None else [("layerfs's median relative to its peer's, per row", path)]
+
+
 def _document(
     args: argparse.Namespace, runs: int, ctx: Context, results: report.Results,
     machine: dict[str, object], started: float, bytecode: str,
@@ -204,13 +284,15 @@ def _document(
     summary = results.summary()
     return {
         "benchmark": "images",
-        "config": {"runs": runs, "quick": args.quick, "layerfs": str(args.layerfs),
+        "config": {"runs": runs, "quick": args.quick, "skip": args.skip, "only": args.only,
+                   "layerfs": str(args.layerfs),
                    "python": str(ctx.python), "mount_samples_per_run": ctx.mount_samples,
                    "wall_seconds": round(time.perf_counter() - started, 1),
                    "bytecode_cache": bytecode,
                    "registry": "docker-registry on 127.0.0.1 (port chosen per run)"},
         "machine": machine,
         "inputs": {"layout": str(ctx.inputs.layout), **ctx.inputs.facts},
+        "debs": ctx.debs.facts if ctx.debs else None,
         "versions": {
             "umoci": _version_of("umoci"), "skopeo": _version_of("skopeo"),
             "fuse-overlayfs": _version_of("fuse-overlayfs"),

@@ -10,9 +10,14 @@ from __future__ import annotations
 import statistics
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from benchmarks import report
 from benchmarks.report import _row, _seconds, _table_head
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
 
 # What `layerfs mount` imports before it can do anything (the daemon forks from that process).
 IMPORTS = "import layerfs.cli.main, layerfs.cli.commands_containers"
@@ -56,6 +61,10 @@ ROWS: tuple[Row, ...] = (
         Cell("commit_one", "tar|gzip", "`tar \\| gzip -1` of upper")),
     Row("pull + unpack (loopback registry)", Cell("pull", "layerfs", "`layerfs pull`"),
         Cell("pull", "skopeo+umoci", "`skopeo copy` + `umoci unpack`"), None, "faster"),
+    Row("`dpkg -i` of {debs} .debs in a chroot of the image", Cell("dpkg", "layerfs",
+                                                                   "`layerfs mount`"),
+        Cell("dpkg", "fuse-overlayfs", "fuse-overlayfs"), Cell("dpkg", "kernel", "kernel"),
+        "faster"),
 )
 
 # Rows that are not compared but explain others (components, setup steps).
@@ -65,6 +74,7 @@ DETAILS: tuple[Row, ...] = (
     Row("commit setup: apply {change_files} changes through the mount",
         Cell("change_many", "layerfs", "layerfs mount"),
         Cell("change_many", "plain dir", "umoci's rootfs")),
+    Row("`dpkg -i`: plain copy of the image", Cell("dpkg", "plain dir", "plain dir")),
     Row("python -c pass", Cell("py_start", "python", "python")),
     Row(f"python -c '{IMPORTS}'", Cell("cli_imports", "python", "python")),
     Row("the same, ending with `os._exit(0)`", Cell("cli_imports_exit", "python", "python")),
@@ -111,21 +121,28 @@ def targets(summary: Summary, facts: dict[str, object]) -> list[dict[str, object
     found: list[dict[str, object]] = []
     for row in ROWS:
         wording, met = target(summary, row)
-        if wording:
+        if wording and _measured(summary, row):
             found.append({"row": row.label.format(**_counts(facts)), "target": wording,
                           "met": met, "ratio": ratio(summary, row)})
     return found
 
 
+def _measured(summary: Summary, row: Row) -> bool:
+    return any(_stats(summary, cell) for cell in (row.layerfs, row.peer, row.floor))
+
+
 def markdown(results: report.Results, title: str, facts: dict[str, object],
-             import_samples: list[dict[str, float]]) -> str:
+             import_samples: list[dict[str, float]],
+             charts: Sequence[tuple[str, Path]] = ()) -> str:
+    """The compared rows (those with any timing), their ranges and details, the mount
+    breakdown and commit scaling where measured, the `charts`, then load and failures."""
     summary = results.summary()
     counts = _counts(facts)
     lines = [f"### {title}", "",
              "Median seconds (lower is better); each row names its peer and its floor.", "",
              *_table_head(["workload", "layerfs", "peer", "peer s", "layerfs/peer", "floor",
                            "floor s", "target", "met?"])]
-    for row in ROWS:
+    for row in (row for row in ROWS if _measured(summary, row)):
         value = ratio(summary, row)
         wording, met = target(summary, row)
         lines.append(_row([
@@ -137,11 +154,14 @@ def markdown(results: report.Results, title: str, facts: dict[str, object],
         ]))
     lines += ["", "Min - max seconds, and the details.", "",
               *_table_head(["workload", "layerfs", "peer", "floor"])]
-    for row in ROWS + DETAILS:
+    for row in (row for row in ROWS + DETAILS if _measured(summary, row)):
         lines.append(_row([row.label.format(**counts), _range(summary, row.layerfs),
                            _range(summary, row.peer), _range(summary, row.floor)]))
-    lines += ["", *_mount_breakdown(summary, import_samples)]
-    lines += ["", *_commit_scaling(summary, counts)]
+    if "mount" in summary:
+        lines += ["", *_mount_breakdown(summary, import_samples)]
+    if scaling := _commit_scaling(summary, counts):
+        lines += ["", *scaling]
+    lines += report.chart_lines(charts)
     lines += report.footer(results, "trials")
     return "\n".join(lines) + "\n"
 

@@ -29,6 +29,8 @@ from benchmarks.systems import MOUNT_DEADLINE, _unmount_fuse
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from benchmarks.images_dpkg import Debs
+
 Row = tuple[str, str, float]  # workload, system, seconds
 
 BREAKDOWN_SAMPLES = 5
@@ -45,6 +47,7 @@ class Context:
     run_dir: Path
     mount_samples: int
     registry_ref: str = ""
+    debs: Debs | None = None  # the dpkg workload's .debs, when that group runs
     mount_lines: dict[str, str] = field(default_factory=dict)
     import_samples: list[dict[str, float]] = field(default_factory=list)
     _stores: dict[int, tuple[Path, Path]] = field(default_factory=dict)
@@ -73,6 +76,8 @@ class Context:
 class Trial:
     name: str  # unique in its group, used in scratch dir names
     run: Callable[[Context, ExitStack, Path, int], list[Row]]
+    # The systems (`--skip` names) it uses: skipping one of them leaves the trial out.
+    needs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +181,7 @@ def _mount_layerfs(ctx: Context, stack: ExitStack, scratch: Path, run_index: int
     return _mount_samples(ctx, scratch, "layerfs", mount)
 
 
-def _overlay_mount_command(
+def overlay_mount_command(
     program: str, stack: ExitStack, sample: Path, lower: Path, kernel: bool
 ) -> list[str]:
     upper, work, mountpoint = sample / "upper", sample / "work", sample / "mnt"
@@ -196,11 +201,13 @@ def _dir_mount_trial(system: str, kernel: bool = False) -> Trial:
         program = str(ctx.overlay_program) if system == "layerfs-overlay" else system
         return _mount_samples(
             ctx, scratch, system,
-            lambda inner, sample, index: _overlay_mount_command(program, inner, sample, lower,
-                                                                kernel),
+            lambda inner, sample, index: overlay_mount_command(program, inner, sample, lower,
+                                                               kernel),
         )
 
-    return Trial(system, trial)
+    # The lower is the layer dir `layerfs import` made: every mount trial needs layerfs.
+    needs = ("layerfs",) if system == "layerfs-overlay" else ("layerfs", system)
+    return Trial(system, trial, needs=needs)
 
 
 def _python_breakdown(ctx: Context, stack: ExitStack, scratch: Path, run_index: int) -> list[Row]:
@@ -294,27 +301,29 @@ def _pull_peer(ctx: Context, stack: ExitStack, scratch: Path, run_index: int) ->
             ("pull_unpack", "umoci", unpack)]
 
 
+# `needs`: the OCI layout that `layerfs load` reads and the registry serves is made by umoci,
+# and the image is pushed to the registry with skopeo.
 GROUPS: tuple[Group, ...] = (
     Group("import", (
-        Trial("layerfs-import", _layerfs_import),
-        Trial("umoci-unpack", _umoci_unpack),
-        Trial("tar-extract", _tar_extract),
-        Trial("layerfs-load", _layerfs_load),
-        Trial("layerfs-import-none", _layerfs_import_plain),
+        Trial("layerfs-import", _layerfs_import, needs=("layerfs",)),
+        Trial("umoci-unpack", _umoci_unpack, needs=("umoci",)),
+        Trial("tar-extract", _tar_extract, needs=("plain",)),
+        Trial("layerfs-load", _layerfs_load, needs=("layerfs", "umoci")),
+        Trial("layerfs-import-none", _layerfs_import_plain, needs=("layerfs",)),
     )),
     Group("mount", (
-        Trial("layerfs", _mount_layerfs),
+        Trial("layerfs", _mount_layerfs, needs=("layerfs",)),
         _dir_mount_trial("layerfs-overlay"),
         _dir_mount_trial("fuse-overlayfs"),
         _dir_mount_trial("kernel", kernel=True),
-        Trial("python", _python_breakdown),
+        Trial("python", _python_breakdown, needs=("layerfs",)),
     )),
     Group("commit", (
-        Trial("layerfs", _commit_layerfs),
-        Trial("umoci", _commit_umoci),
+        Trial("layerfs", _commit_layerfs, needs=("layerfs",)),
+        Trial("umoci", _commit_umoci, needs=("umoci",)),
     )),
     Group("pull", (
-        Trial("layerfs", _pull_layerfs),
-        Trial("skopeo-umoci", _pull_peer),
+        Trial("layerfs", _pull_layerfs, needs=("layerfs", "skopeo", "umoci")),
+        Trial("skopeo-umoci", _pull_peer, needs=("skopeo", "umoci")),
     )),
 )

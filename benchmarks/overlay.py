@@ -107,7 +107,8 @@ def check(args: argparse.Namespace) -> tuple[list[System], tuple[Group, ...]]:
     every = groups(QUICK if args.quick else FULL)
     selected = select(every, args.only) if args.only else every
     if not selected:
-        names = ", ".join(key for group in every for key in (group.key, *keys_of(group)))
+        names = ", ".join(dict.fromkeys(key for group in every
+                                        for key in (group.key, *keys_of(group))))
         raise SetupError(f"--only {' '.join(args.only)}: no such group or row; one of {names}")
     return systems, selected
 
@@ -141,7 +142,8 @@ def run_suite(args: argparse.Namespace) -> report.Outcome:
     print(f"results: {path} and {path.with_suffix('.json')}")
     return report.Outcome("overlay", path, path.with_suffix(".json"),
                           tuple(chart for _, chart in drawn), len(results.failures),
-                          time.perf_counter() - began)
+                          time.perf_counter() - began, results.summary(), results.labels,
+                          layers.facts, machine)
 
 
 def _measure(

@@ -75,6 +75,10 @@ class Outcome:
     charts: tuple[Path, ...]
     failures: int
     wall_seconds: float
+    summary: dict[str, dict[str, dict[str, float]]]  # `Results.summary()`
+    labels: dict[str, str]  # workload key → label
+    facts: dict[str, object]  # the inputs' facts (counts named in labels)
+    machine: dict[str, object]
 
 
 def markdown(results: Results, title: str, notes: Sequence[str] = (),
