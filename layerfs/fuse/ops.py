@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from layerfs.fuse import protocol as P
-from layerfs.fuse.session import Defer, Reply, Request
+from layerfs.fuse.session import MAX_WRITE, Defer, Reply, Request
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -88,6 +88,7 @@ class OverlayOperations:
         self._next_fh = 1
         self._copy_up_locks: dict[int, tuple[threading.Lock, list[int]]] = {}
         self._cookies: dict[int, _Cookies] = {}
+        self._read_buffer = bytearray(MAX_WRITE)  # the loop's: its reply is written at once
         # Attributes of objects that live in a lower layer only never change: packed once.
         self._lower_entries: dict[tuple[int, int], bytes] = {}
 
@@ -364,8 +365,25 @@ class OverlayOperations:
         return [self._node_entry(node), self._open_reply(handle)]
 
     def read(self, req: Request) -> Reply:
+        """From the page cache on the loop thread; what needs the disk, on a worker."""
         fh, off, size, *_ = P.READ_IN.unpack_from(req.body)
-        return self._engine.read(self._handle(fh), off, size)
+        fd = self._engine.reading_fd(self._handle(fh))
+        if threading.get_ident() == self._loop_thread and size <= len(self._read_buffer):
+            view = memoryview(self._read_buffer)[:size]
+            try:
+                n = os.preadv(fd, [view], off, os.RWF_NOWAIT)
+            except BlockingIOError:
+                raise Defer from None
+            # A short read means end of file to the kernel: only the real end may be one.
+            if n == size or off + n >= os.fstat(fd).st_size:
+                return [view[:n]]
+            raise Defer
+        fd = os.dup(fd)  # the handle may move to the upper copy while we read
+        try:
+            with self.blocking():
+                return os.pread(fd, size, off)
+        finally:
+            os.close(fd)
 
     def write(self, req: Request) -> Reply:
         fh, off, size, write_flags, *_ = P.WRITE_IN.unpack_from(req.body)

@@ -54,7 +54,7 @@ _MUTATING = frozenset({
 })
 _WRITE_OPEN = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 
-Reply = bytes | Sequence[bytes] | None
+Reply = bytes | Sequence[bytes | memoryview] | None
 """A handler's answer: the payload after the header, or None for requests without a reply."""
 
 
@@ -257,7 +257,8 @@ class Session:
             self._stop = True
             self._signals.append(signal.SIGTERM)
 
-    def _reply(self, unique: int, payload: bytes | Sequence[bytes]) -> None:
+    def _reply(self, unique: int, payload: bytes | Sequence[bytes | memoryview]) -> None:
+        parts: list[bytes | memoryview]
         if isinstance(payload, bytes):
             parts = [P.OUT_HEADER.pack(P.OUT_HEADER.size + len(payload), 0, unique), payload]
         else:
@@ -268,7 +269,7 @@ class Session:
     def _reply_error(self, unique: int, err: int) -> None:
         self._write([P.OUT_HEADER.pack(P.OUT_HEADER.size, -err, unique)])
 
-    def _write(self, parts: list[bytes]) -> None:
+    def _write(self, parts: Sequence[bytes | memoryview]) -> None:
         try:
             os.writev(self._fd, parts)
         except OSError as exc:

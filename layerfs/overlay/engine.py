@@ -618,13 +618,14 @@ class Engine(MergedTree):
         return Handle(node, fd, layer, flags, node.data_gen)
 
     def read(self, handle: Handle, off: int, size: int) -> bytes:
-        return os.pread(self._reading_fd(handle), size, off)
+        return os.pread(self.reading_fd(handle), size, off)
 
     def lseek(self, handle: Handle, off: int, whence: int) -> int:
         """SEEK_DATA and SEEK_HOLE answered by the real file (ENXIO past the end)."""
-        return os.lseek(self._reading_fd(handle), off, whence)
+        return os.lseek(self.reading_fd(handle), off, whence)
 
-    def _reading_fd(self, handle: Handle) -> int:
+    def reading_fd(self, handle: Handle) -> int:
+        """The descriptor that reads `handle`'s data now (the copy, once copied up)."""
         node = handle.node
         if handle.data_gen != node.data_gen:
             # copied up since it was opened: read what the merged tree shows now
