@@ -24,7 +24,7 @@ COLOURS = {
     "layerfs / peer": "#d62728",
 }
 MARKERS = {"layerfs": "o", "fuse-overlayfs": "s", "kernel": "^", "plain": "D"}
-LABEL_WIDTH = 60  # characters of a row label kept on a bar chart's axis
+LABEL_WIDTH = 66  # characters of a row label kept on a bar chart's axis
 
 
 def ratio_bars(
