@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks import charts, mounts, report
-from benchmarks.layers import BIG_FILE, FULL, QUICK, SPARSE_FILE, Layers, ensure_layers, size_name
+from benchmarks.layers import (
+    BIG_FILE,
+    DB_FILE,
+    FULL,
+    QUICK,
+    SPARSE_FILE,
+    Layers,
+    ensure_layers,
+    size_name,
+    sized_file,
+)
 from benchmarks.procs import CommandError, drop_caches, run, sync
 from benchmarks.systems import DEFAULT_LAYERFS, System, all_systems
 from benchmarks.workloads import (
@@ -252,7 +262,8 @@ def _run_group(
     timings: dict[str, float] = {}
     with ExitStack() as stack:
         scratch.mkdir()
-        stack.callback(_remove_big_copies, scratch)  # first in, last out: after the unmount
+        # First in, last out: after the unmount.
+        stack.callback(_remove_big_copies, scratch, _big_files(layers))
         if group.cold:
             drop_caches()
         root = system.mount(stack, layers, scratch, group.changes)
@@ -270,16 +281,22 @@ def _run_group(
     return timings
 
 
-def _remove_big_copies(scratch: Path) -> None:
-    """Delete the group's copies of the big file now, to bound disk use; the rest waits.
+def _big_files(layers: Layers) -> tuple[str, ...]:
+    """The files of 16 MiB and more that a group may copy (or a copy-up may fill, sparse)."""
+    sized = (sized_file(size) for size in layers.spec.copy_up_sizes if size >= 16 << 20)
+    return (BIG_FILE, SPARSE_FILE, DB_FILE, *sized)
+
+
+def _remove_big_copies(scratch: Path, names: Sequence[str]) -> None:
+    """Delete the group's copies of the big files now, to bound disk use; the rest waits.
 
     Why the rest waits for the end of the benchmark: freeing thousands of inodes slows the creates
-    that follow on ext4 (see `_spread_subdirs`); two inodes do not matter.
+    that follow on ext4 (see `_spread_subdirs`); a few inodes do not matter.
     """
     if mounts.mounts_under(scratch):
         return  # never delete through a mount; the unmount failure is already on its way up
     for directory in ("upper", "root"):
-        for name in (BIG_FILE, SPARSE_FILE):
+        for name in names:
             big = scratch / directory / name
             if big.is_file() and not big.is_symlink():
                 big.unlink()
