@@ -96,6 +96,22 @@ def unmount(mountpoint: str) -> None:
         raise OSError(errno.EBUSY, result.stderr.strip() or "fusermount3 -u failed", mountpoint)
 
 
+def _fuse_device(mountpoint: str) -> str | None:
+    """The "major:minor" of the FUSE mount on resolved path `mountpoint`, from mountinfo."""
+    device = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mountpoint and fields[fields.index("-") + 1].startswith("fuse"):
+                device = fields[2]  # the last one is on top
+    return device
+
+
+def is_mounted(mountpoint: str) -> bool:
+    """Whether a FUSE filesystem is mounted on resolved path `mountpoint`."""
+    return _fuse_device(mountpoint) is not None
+
+
 def set_readahead(mountpoint: str, kib: int) -> None:
     """Let the kernel read ahead `kib` on this mount (FUSE starts at 128 KiB, which caps a
     cold sequential read at a third of the disk's speed here). Root only; else a no-op.
@@ -103,14 +119,8 @@ def set_readahead(mountpoint: str, kib: int) -> None:
     `mountpoint` must be absolute and resolved before mounting: resolving it now, or a stat,
     would wait for our own answer. The device comes from mountinfo.
     """
-    real = mountpoint
-    device = None
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == real and fields[fields.index("-") + 1].startswith("fuse"):
-                    device = fields[2]
+        device = _fuse_device(mountpoint)
         if device is not None:
             with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
                 f.write(str(kib))

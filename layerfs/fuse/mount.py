@@ -160,7 +160,8 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
             session.run(answered, on_signal)
         finally:
             # after `fusermount3 -u` the mount is gone already; unmount only what is ours
-            if signalled or os.path.ismount(spec.mountpoint):
+            # (asked of mountinfo: a stat of the mountpoint would wait for us to answer)
+            if signalled or channel.is_mounted(real_mountpoint):
                 with contextlib.suppress(OSError):
                     channel.unmount(spec.mountpoint)
 

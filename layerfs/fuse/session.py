@@ -253,8 +253,7 @@ class Session:
     def _internal_error(self, req: Request) -> None:
         log.exception("internal error in %s", P.Op(req.opcode).name)
         self._reply_error(req.unique, errno.EIO)
-        if self._strict:
-            self._stop = True
+        if self._strict:  # the tests: stop as SIGTERM would, unmounting
             self._signals.append(signal.SIGTERM)
 
     def _reply(self, unique: int, payload: bytes | Sequence[bytes | memoryview]) -> None:
