@@ -76,6 +76,7 @@ OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in.open_flags, fuse_create_in.open_flags
 
 # fuse_open_out.open_flags
 FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NOFLUSH = 1 << 5
 
 # fuse_setattr_in.valid
 FATTR_MODE = 1 << 0
@@ -160,11 +161,11 @@ def attr_fields(
     ino: int, st: os.stat_result, nlink: int, blocks: int
 ) -> tuple[int, ...]:
     """The fuse_attr fields for `st` shown with merged number `ino`."""
-    atime, atime_ns = divmod(st.st_atime_ns, _NS)
-    mtime, mtime_ns = divmod(st.st_mtime_ns, _NS)
-    ctime, ctime_ns = divmod(st.st_ctime_ns, _NS)
-    return (ino, st.st_size, blocks, atime, mtime, ctime, atime_ns, mtime_ns, ctime_ns,
-            st.st_mode, nlink, st.st_uid, st.st_gid, encode_dev(st.st_rdev), st.st_blksize, 0)
+    atime, mtime, ctime = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+    rdev = st.st_rdev
+    return (ino, st.st_size, blocks, atime // _NS, mtime // _NS, ctime // _NS, atime % _NS,
+            mtime % _NS, ctime % _NS, st.st_mode, nlink, st.st_uid, st.st_gid,
+            encode_dev(rdev) if rdev else 0, st.st_blksize, 0)
 
 
 def dirent_type(mode: int) -> int:

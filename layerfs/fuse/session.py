@@ -78,6 +78,7 @@ class Defer(Exception):
 
 class Filesystem(Protocol):
     lock: threading.Lock
+    requests_waiting: Callable[[], bool]
 
     def handlers(self) -> dict[int, Callable[[Request], Reply]]: ...
 
@@ -92,11 +93,19 @@ class Session:
         self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "layerfs-worker")
         self._changes = threading.Condition()
         self._changes_running = 0
+        self._deferred = 0  # requests on workers: the loop then sleeps instead of spinning
         self._frozen = False
         self._held: list[Request] = []
         self._signals: list[int] = []
         self._stop = False
         self.loop_thread = threading.get_ident()
+        self._queue = select.poll()
+        self._queue.register(fd, select.POLLIN)
+        fs.requests_waiting = self.requests_waiting
+
+    def requests_waiting(self) -> bool:
+        """Whether the kernel has another request for us right now."""
+        return bool(self._queue.poll(0))
 
     # ------------------------------------------------------------------ the loop
     def run(self, ready: Callable[[], None], on_signal: Callable[[int], None]) -> None:
@@ -167,7 +176,8 @@ class Session:
             now = time.perf_counter()
             if not deadline:
                 deadline = now + SPIN_SECONDS
-            elif now > deadline:
+            # Spinning holds the GIL: a worker serving a deferred request would wait for it.
+            if now > deadline or self._deferred:
                 poller.poll()
                 if self._signals:
                     return None
@@ -223,6 +233,8 @@ class Session:
         if change:
             with self._changes:
                 self._changes_running += 1
+        with self._changes:
+            self._deferred += 1
         self._pool.submit(self._serve_on_worker, handler, req, change)
 
     def _serve_on_worker(self, handler: Callable[[Request], Reply], req: Request,
@@ -238,8 +250,9 @@ class Session:
             if reply is not None:
                 self._reply(req.unique, reply)
         finally:
-            if change:
-                with self._changes:
+            with self._changes:
+                self._deferred -= 1
+                if change:
                     self._changes_running -= 1
                     self._changes.notify_all()
 

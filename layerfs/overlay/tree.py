@@ -27,6 +27,9 @@ def os_error(code: int, what: bytes | str = "") -> OSError:
     return OSError(code, os.strerror(code), what)
 
 
+_NO_XATTRS: dict[bytes, bytes] = {}
+"""Shared by every lower object without xattrs (most of them); never changed."""
+
 @dataclass(slots=True, frozen=True)
 class Attr:
     """What `stat` shows for a node: the real object's stat with the merged number."""
@@ -61,6 +64,7 @@ class MergedTree:
         root = Node(ino=ROOT_INO, is_dir=True)
         root.in_upper = self.upper is not None
         self.nodes = NodeTable(root)
+        self._lower_xattr_cache: dict[bytes, dict[bytes, bytes]] = {}
         self._init_root(root)
 
     def _init_root(self, root: Node) -> None:
@@ -269,12 +273,41 @@ class MergedTree:
         return os.readlink(self.real_path(node))
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
-        return os.getxattr(self.real_path(node), xattrs.to_real(name), follow_symlinks=False)
+        real_name = xattrs.to_real(name)
+        if node.in_upper:
+            return os.getxattr(self.real_path(node), real_name, follow_symlinks=False)
+        values = self._lower_xattrs(node)
+        if values is None:
+            return os.getxattr(self.real_path(node), real_name, follow_symlinks=False)
+        try:
+            return values[real_name]
+        except KeyError:
+            raise os_error(errno.ENODATA, name) from None
 
     def listxattr(self, node: Node) -> list[bytes]:
-        names = os.listxattr(self.real_path(node), follow_symlinks=False)
-        visible = (xattrs.to_visible(n.encode()) for n in names)
+        values = None if node.in_upper else self._lower_xattrs(node)
+        if values is None:
+            names = [os.fsencode(n) for n in
+                     os.listxattr(self.real_path(node), follow_symlinks=False)]
+        else:
+            names = list(values)
+        visible = (xattrs.to_visible(n) for n in names)
         return [n for n in visible if n is not None]
+
+    def _lower_xattrs(self, node: Node) -> dict[bytes, bytes] | None:
+        """All xattrs of a lower object, read once: lower layers never change, and `ls -l`
+        asks for security.selinux (absent) of every entry. None where they cannot be listed."""
+        real = self.real_path(node)
+        values = self._lower_xattr_cache.get(real)
+        if values is None:
+            try:
+                names = os.listxattr(real, follow_symlinks=False)
+                values = {os.fsencode(n): os.getxattr(real, n, follow_symlinks=False)
+                          for n in names} if names else _NO_XATTRS
+            except OSError:
+                return None
+            self._lower_xattr_cache[real] = values
+        return values
 
     def listdir(self, node: Node) -> list[bytes]:
         """The merged names of a directory, computed once until the directory changes."""
