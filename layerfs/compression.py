@@ -15,12 +15,9 @@ Concurrency: one reader or writer per stream, used from one thread at a time.
 from __future__ import annotations
 
 import enum
+import functools
 import io
 from typing import TYPE_CHECKING, Final, cast
-
-import isal.igzip
-import isal.igzip_lib
-from backports import zstd
 
 from layerfs.errors import LayerError
 
@@ -38,14 +35,20 @@ GZIP_LEVEL: Final = 2
 ZSTD_LEVEL: Final = 3
 
 
-# What the decompressors raise for damaged input; OSError from the stream below is not one.
-# (isal's stub declares IsalError as an instance, hence the cast.)
-_DAMAGE: tuple[type[Exception], ...] = (
-    EOFError,
-    isal.igzip.BadGzipFile,
-    cast("type[Exception]", isal.igzip_lib.IsalError),
-    zstd.ZstdError,
-)
+# The codecs are imported on first use: commands that compress nothing (`layerfs mount`)
+# start faster without them.
+
+
+@functools.cache
+def _damage() -> tuple[type[Exception], ...]:
+    """What the decompressors raise for damaged input; OSError from the stream below is not
+    one. (isal's stub declares IsalError as an instance, hence the cast.)"""
+    import isal.igzip
+    import isal.igzip_lib
+    from backports import zstd
+
+    return (EOFError, isal.igzip.BadGzipFile, cast("type[Exception]", isal.igzip_lib.IsalError),
+            zstd.ZstdError)
 
 
 class Compression(enum.Enum):
@@ -100,19 +103,19 @@ class DecompressingReader(io.BufferedIOBase):
     def read(self, size: int | None = -1, /) -> bytes:
         try:
             return self._inner.read(size)
-        except _DAMAGE as exc:
+        except _damage() as exc:
             raise self._fail(exc) from exc
 
     def read1(self, size: int = -1, /) -> bytes:
         try:
             return self._inner.read1(size)
-        except _DAMAGE as exc:
+        except _damage() as exc:
             raise self._fail(exc) from exc
 
     def readinto(self, buffer: bytearray | memoryview, /) -> int:  # type: ignore[override]
         try:
             return self._inner.readinto(buffer)
-        except _DAMAGE as exc:
+        except _damage() as exc:
             raise self._fail(exc) from exc
 
     def close(self) -> None:
@@ -142,8 +145,12 @@ def open_reader(
         compression = detect(buffered.peek(4)[:4])
     inner: io.BufferedIOBase
     if compression is Compression.GZIP:
+        import isal.igzip
+
         inner = isal.igzip.IGzipFile(fileobj=buffered, mode="rb")  # type: ignore[no-untyped-call]
     elif compression is Compression.ZSTD:
+        from backports import zstd
+
         inner = zstd.ZstdFile(buffered, mode="r")
     else:
         inner = buffered
@@ -160,6 +167,8 @@ def open_writer(
     header has mtime 0, no file name.
     """
     if compression is Compression.GZIP:
+        import isal.igzip
+
         return isal.igzip.IGzipFile(  # type: ignore[no-untyped-call]
             filename="",
             mode="wb",
@@ -168,6 +177,8 @@ def open_writer(
             mtime=0,
         )
     if compression is Compression.ZSTD:
+        from backports import zstd
+
         options: dict[int, int] = {
             zstd.CompressionParameter.compression_level: ZSTD_LEVEL if level is None else level,
             # A frame checksum, as Docker's encoder (klauspost/compress) writes by default: a

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -194,6 +193,8 @@ def run(
     user: str | None,
 ) -> None:
     """Run a command in a new container of IMAGE (its Entrypoint/Cmd by default)."""
+    import tempfile  # here, not at the top: `mount` should not pay for it
+
     from layerfs.services import run as run_service
 
     store = ctx.store

@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
@@ -68,6 +67,8 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
 def _fail(message: str, code: int) -> NoReturn:
     ctx = click.get_current_context(silent=True)
     if ctx is not None and isinstance(ctx.obj, Context) and ctx.obj.debug:
+        import traceback  # --debug only
+
         traceback.print_exc()
     click.echo(f"layerfs: {message}", err=True)
     sys.exit(code)

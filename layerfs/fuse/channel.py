@@ -10,9 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import socket
 import stat
-import subprocess
 from typing import TYPE_CHECKING
 
 from layerfs.errors import MountError
@@ -64,6 +62,9 @@ def _mount_as_root(mountpoint: str, opts: set[str], fsname: str, subtype: str) -
 
 
 def _mount_with_fusermount(mountpoint: str, opts: set[str], fsname: str, subtype: str) -> int:
+    import socket  # here: as root (no fusermount3) a mount should start fast
+    import subprocess
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, theirs:
         wanted = sorted(opts & (_PASSED_TO_KERNEL | {"ro"}))
@@ -90,6 +91,8 @@ def unmount(mountpoint: str) -> None:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), mountpoint)
         return
+    import subprocess
+
     result = subprocess.run(["fusermount3", "-u", "-z", "--", mountpoint], capture_output=True,
                             text=True, check=False)
     if result.returncode != 0:

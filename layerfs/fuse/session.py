@@ -21,7 +21,6 @@ stop, the freeze and thaw signals freeze and thaw (see `mount`).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -31,9 +30,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from layerfs.fuse import protocol as P
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class Session:
         self._lock = fs.lock
         self._handlers = fs.handlers()
         self._strict = strict
-        self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "layerfs-worker")
+        self._pool: ThreadPoolExecutor | None = None  # made on the first deferred request
         self._changes = threading.Condition()
         self._changes_running = 0
         self._deferred = 0  # requests on workers: the loop then sleeps instead of spinning
@@ -140,7 +142,8 @@ class Session:
             signal.set_wakeup_fd(old_wakeup)
             os.close(wake_r)
             os.close(wake_w)
-            self._pool.shutdown(wait=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def catch(self, signum: int) -> None:
         """A signal handler (it runs on the main thread): note the signal for the loop."""
@@ -235,6 +238,10 @@ class Session:
                 self._changes_running += 1
         with self._changes:
             self._deferred += 1
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(WORKERS, "layerfs-worker")
         self._pool.submit(self._serve_on_worker, handler, req, change)
 
     def _serve_on_worker(self, handler: Callable[[Request], Reply], req: Request,

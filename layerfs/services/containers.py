@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import secrets
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -191,6 +190,8 @@ def umount(store: Store, container: Container) -> None:
     if not is_mounted(container):
         raise MountError(f"{container.name}: not mounted")
     assert container.mountpoint is not None
+    import subprocess  # here: `layerfs mount` should not pay for it
+
     result = subprocess.run(["fusermount3", "-u", container.mountpoint],
                             capture_output=True, text=True)
     if result.returncode != 0:
