@@ -120,7 +120,6 @@ def create(store: Store, image: Image, image_ref: str, name: str | None = None) 
             (stage / "work").mkdir()
             (stage / "state.json").write_text(json.dumps(asdict(container)))
             os.rename(stage, store.layout.container(container.id))
-            stage.mkdir()
     return container
 
 
