@@ -159,3 +159,23 @@ def test_the_mount_reads_ahead_one_request(layers: Layers, mnt: Path) -> None:
         device = os.stat(mnt).st_dev
         kib = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
         assert kib.read_text().strip() == "1024"
+
+
+@pytest.mark.parametrize("system", ["layerfs", "kernel"])
+@pytest.mark.parametrize("owner", [(-1, -1), (0, -1)])
+def test_chown_drops_setuid_as_the_kernel_does(
+    tmp_path: Path, system: str, owner: tuple[int, int]
+) -> None:
+    # With handle_killpriv_v2 this is the filesystem's job; chown(f, -1, -1) reaches it as a
+    # SETATTR of nothing (the long differential run found it).
+    layers = make_layers(tmp_path / "layers")
+    tool = layers.lowers[0] / "tool"
+    tool.write_bytes(b"#!/bin/sh\n")
+    os.chmod(tool, 0o6755)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount = mounted_overlay if system == "layerfs" else kernel_overlay
+    with mount(layers, mnt):
+        os.chown(mnt / "tool", *owner)
+        mode = os.stat(mnt / "tool").st_mode
+    assert stat.S_IMODE(mode) == 0o755

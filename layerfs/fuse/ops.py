@@ -244,7 +244,7 @@ class OverlayOperations:
             mtime_total = now
         elif valid & P.FATTR_MTIME:
             mtime_total = mtime * 1_000_000_000 + mtime_ns
-        result = self._engine.setattr(
+        self._engine.setattr(
             node,
             mode=mode if valid & P.FATTR_MODE else None,
             uid=uid if valid & P.FATTR_UID else None,
@@ -254,7 +254,12 @@ class OverlayOperations:
             mtime_ns=mtime_total,
             handle=self._files.get(fh) if valid & P.FATTR_FH else None,
         )
-        return self._attr_reply(self._entry(result))
+        # With handle_killpriv_v2 dropping setuid/setgid is ours: the kernel says so for an
+        # unprivileged chown or truncate, and a chown(f, -1, -1), which drops them too, comes
+        # as a SETATTR of nothing.
+        if valid & P.FATTR_KILL_SUIDGID or (valid == 0 and not node.is_dir):
+            self._engine.drop_setid(node)
+        return self._attr_reply(self._entry(self._engine.getattr(node)))
 
     def readlink(self, req: Request) -> Reply:
         return self._engine.readlink(self._node(req.nodeid))
@@ -350,17 +355,22 @@ class OverlayOperations:
 
     # -------------------------------------------------------------- files
     def open(self, req: Request) -> Reply:
-        flags, _ = P.OPEN_IN.unpack_from(req.body)
+        flags, open_flags = P.OPEN_IN.unpack_from(req.body)
         node = self._node(req.nodeid)
         if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_TRUNC:
             self._copy_up(node)
-        return self._open_reply(self._engine.open(node, flags))
+        handle = self._engine.open(node, flags)
+        if open_flags & P.OPEN_KILL_SUIDGID:
+            self._engine.drop_setid(node)
+        return self._open_reply(handle)
 
     def create(self, req: Request) -> Reply:
-        flags, mode, _umask, _ = P.CREATE_IN.unpack_from(req.body)
+        flags, mode, _umask, open_flags = P.CREATE_IN.unpack_from(req.body)
         name = _name(req.body[P.CREATE_IN.size:])
         node, handle = self._engine.create(self._node(req.nodeid), name, mode, flags,
                                            req.uid, req.gid)
+        if open_flags & P.OPEN_KILL_SUIDGID:  # O_TRUNC of an existing file
+            self._engine.drop_setid(node)
         return [self._node_entry(node), self._open_reply(handle)]
 
     def read(self, req: Request) -> Reply:
@@ -389,9 +399,13 @@ class OverlayOperations:
             os.close(fd)
 
     def write(self, req: Request) -> Reply:
-        fh, off, size, *_ = P.WRITE_IN.unpack_from(req.body)
+        fh, off, size, write_flags, *_ = P.WRITE_IN.unpack_from(req.body)
         data = req.body[P.WRITE_IN.size:P.WRITE_IN.size + size]
-        return P.WRITE_OUT.pack(self._engine.write(self._handle(fh), off, data), 0)
+        handle = self._handle(fh)
+        written = self._engine.write(handle, off, data)
+        if write_flags & P.WRITE_KILL_SUIDGID:
+            self._engine.drop_setid(handle.node)
+        return P.WRITE_OUT.pack(written, 0)
 
     def flush(self, req: Request) -> Reply:
         return b""

@@ -67,6 +67,12 @@ PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
+HANDLE_KILLPRIV_V2 = 1 << 28
+"""We drop setuid/setgid on writes by unprivileged callers (they say so in a flag), and the
+kernel stops asking for security.capability before every write."""
+
+WRITE_KILL_SUIDGID = 1 << 2  # fuse_write_in.write_flags
+OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in.open_flags, fuse_create_in.open_flags
 
 # fuse_open_out.open_flags
 FOPEN_KEEP_CACHE = 1 << 1
@@ -82,6 +88,7 @@ FATTR_MTIME = 1 << 5
 FATTR_FH = 1 << 6
 FATTR_ATIME_NOW = 1 << 7
 FATTR_MTIME_NOW = 1 << 8
+FATTR_KILL_SUIDGID = 1 << 11
 
 FSYNC_FDATASYNC = 1 << 0
 

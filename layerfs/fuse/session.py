@@ -48,10 +48,7 @@ WORKERS = 8
 """Threads for deferred requests: big copy-ups and fsyncs in parallel with everything else."""
 
 _WANTED_FLAGS = (P.ASYNC_READ | P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.DO_READDIRPLUS
-                 | P.PARALLEL_DIROPS | P.MAX_PAGES | P.CACHE_SYMLINKS)
-# Not HANDLE_KILLPRIV_V2: it would save a GETXATTR per write, but then the kernel leaves
-# dropping setuid on chown to us, and a chown(-1, -1) reaches us as nothing to do (the
-# differential run caught it: the kernel's overlayfs drops the bit).
+                 | P.PARALLEL_DIROPS | P.MAX_PAGES | P.CACHE_SYMLINKS | P.HANDLE_KILLPRIV_V2)
 
 _MUTATING = frozenset({
     P.Op.SETATTR, P.Op.SYMLINK, P.Op.MKNOD, P.Op.MKDIR, P.Op.UNLINK, P.Op.RMDIR, P.Op.RENAME,

@@ -73,6 +73,19 @@ class Engine(MergedTree):
         self.work = os.path.abspath(work) if work is not None else None
         self.sync_copy_up = True
 
+    def drop_setid(self, node: Node) -> None:
+        """What a write or truncate by a caller without CAP_FSETID does to the file (the
+        kernel's should_remove_suid): setuid goes, setgid too where group-execute is set."""
+        if not node.in_upper or node.is_dir:
+            return
+        real = self._upper_path(node)
+        mode = os.lstat(real).st_mode
+        kill = mode & stat.S_ISUID
+        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if kill:
+            os.chmod(real, stat.S_IMODE(mode) & ~kill)
+
     def setattr(
         self,
         node: Node,
