@@ -7,9 +7,11 @@ pyfuse3 and trio). Before blocking in `poll`, the loop polls the descriptor for 
 microseconds: a request that follows another (the usual case in a `find` or an untar) is then
 picked up without a wake-up across CPUs, which costs more than the handler.
 
-A handler that would block for long (the copy-up of a big file, fsync) raises `Defer`; the
-request is then served again from the start on a worker thread, where the handler drops the lock
-around the slow part (`Filesystem.blocking`) and the loop goes on meanwhile. Handlers are written
+A handler that would block for long raises `Defer`: always for the copy-up of a big file; for a
+read that misses the page cache, or an fsync, only when other requests are waiting (else waiting
+inline costs less than a hand-over). The request is then served again from the start on a
+worker thread, where the handler drops the lock around the slow part (`Filesystem.blocking`)
+and the loop goes on meanwhile. Handlers are written
 so that running them again is harmless: they defer before they change anything.
 
 Freezing (for `commit` of a live container): requests that would change the upper dir are held,
@@ -45,7 +47,7 @@ BUFFER_SIZE = MAX_WRITE + 4096
 SPIN_SECONDS = 50e-6
 """How long the loop polls for the next request before it sleeps in poll(2)."""
 WORKERS = 8
-"""Threads for deferred requests: big copy-ups and fsyncs in parallel with everything else."""
+"""Threads for deferred requests: big copy-ups, and disk reads and fsyncs while others wait."""
 
 _WANTED_FLAGS = (P.ASYNC_READ | P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.DO_READDIRPLUS
                  | P.PARALLEL_DIROPS | P.MAX_PAGES | P.CACHE_SYMLINKS | P.HANDLE_KILLPRIV_V2)
