@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.fsapi import Layers, kernel_overlay, mounted_overlay
+from tests.fsapi import Layers, MountFS, kernel_overlay, mounted_overlay
 
 if TYPE_CHECKING:
+    import contextlib
     from collections.abc import Iterator
 
 
@@ -133,19 +134,28 @@ def open_dir() -> Iterator[Path]:
         shutil.rmtree(path)
 
 
+def _setuid_tool_layers(root: Path, mode: int) -> tuple[Layers, Path]:
+    """Layers whose lower holds `tool` with `mode` (setuid bits included), and an empty mnt."""
+    layers = make_layers(root / "layers")
+    os.chmod(root / "layers", 0o755)
+    tool = layers.lowers[0] / "tool"
+    tool.write_bytes(b"#!/bin/sh\n")
+    os.chmod(tool, mode)
+    mnt = root / "mnt"
+    mnt.mkdir()
+    return layers, mnt
+
+
+def _mount(system: str, layers: Layers, mnt: Path) -> contextlib.AbstractContextManager[MountFS]:
+    return mounted_overlay(layers, mnt) if system == "layerfs" else kernel_overlay(layers, mnt)
+
+
 @pytest.mark.parametrize("system", ["layerfs", "kernel"])
 def test_an_unprivileged_write_drops_setuid_as_the_kernel_does(
     open_dir: Path, system: str
 ) -> None:
-    layers = make_layers(open_dir / "layers")
-    os.chmod(open_dir / "layers", 0o755)
-    tool = layers.lowers[0] / "tool"
-    tool.write_bytes(b"#!/bin/sh\n")
-    os.chmod(tool, 0o6777)
-    mnt = open_dir / "mnt"
-    mnt.mkdir()
-    mount = mounted_overlay if system == "layerfs" else kernel_overlay
-    with mount(layers, mnt):
+    layers, mnt = _setuid_tool_layers(open_dir, 0o6777)
+    with _mount(system, layers, mnt):
         _write_as_nobody(mnt / "tool")
         mode = os.stat(mnt / "tool").st_mode
     assert not mode & stat.S_ISUID
@@ -168,14 +178,8 @@ def test_chown_drops_setuid_as_the_kernel_does(
 ) -> None:
     # With handle_killpriv_v2 this is the filesystem's job; chown(f, -1, -1) reaches it as a
     # SETATTR of nothing (the long differential run found it).
-    layers = make_layers(tmp_path / "layers")
-    tool = layers.lowers[0] / "tool"
-    tool.write_bytes(b"#!/bin/sh\n")
-    os.chmod(tool, 0o6755)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    mount = mounted_overlay if system == "layerfs" else kernel_overlay
-    with mount(layers, mnt):
+    layers, mnt = _setuid_tool_layers(tmp_path, 0o6755)
+    with _mount(system, layers, mnt):
         os.chown(mnt / "tool", *owner)
         mode = os.stat(mnt / "tool").st_mode
     assert stat.S_IMODE(mode) == 0o755

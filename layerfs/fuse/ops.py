@@ -244,7 +244,7 @@ class OverlayOperations:
             mtime_total = now
         elif valid & P.FATTR_MTIME:
             mtime_total = mtime * 1_000_000_000 + mtime_ns
-        self._engine.setattr(
+        result = self._engine.setattr(
             node,
             mode=mode if valid & P.FATTR_MODE else None,
             uid=uid if valid & P.FATTR_UID else None,
@@ -259,7 +259,8 @@ class OverlayOperations:
         # as a SETATTR of nothing.
         if valid & P.FATTR_KILL_SUIDGID or (valid == 0 and not node.is_dir):
             self._engine.drop_setid(node)
-        return self._attr_reply(self._entry(self._engine.getattr(node)))
+            result = self._engine.getattr(node)
+        return self._attr_reply(self._entry(result))
 
     def readlink(self, req: Request) -> Reply:
         return self._engine.readlink(self._node(req.nodeid))
