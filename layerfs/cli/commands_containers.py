@@ -59,7 +59,8 @@ def mount(ctx: Context, source: str, mountpoint: str, name: str | None, foregrou
         click.echo(container.id)
         # The mount answers and nothing is left to do: skip the interpreter's teardown
         # (tens of ms of module and object cleanup, in a command that aims at 100 ms).
-        sys.stdout.flush()
+        if sys.stdout is not None:  # None when started with stdout closed
+            sys.stdout.flush()
         release_staging()
         os._exit(0)
 

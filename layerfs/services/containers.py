@@ -116,11 +116,21 @@ def create(store: Store, image: Image, image_ref: str, name: str | None = None) 
                 name += f"_{secrets.randbelow(100)}"
         container = Container(secrets.token_hex(32), name, image.id, image_ref, now())
         with atomic.staging_dir(store.layout.tmp) as stage:
-            (stage / "upper").mkdir()
+            _make_upper(stage / "upper", store.lower_dirs(image)[0])
             (stage / "work").mkdir()
             (stage / "state.json").write_text(json.dumps(asdict(container)))
             os.rename(stage, store.layout.container(container.id))
     return container
+
+
+def _make_upper(upper: Path, top_lower: Path) -> None:
+    """The upper dir's own mode and owner are those of the container's root directory: take
+    the image's (docker's overlay2 does too), not whatever the caller's umask leaves."""
+    st = os.stat(top_lower)
+    upper.mkdir()
+    if os.geteuid() == 0:
+        os.chown(upper, st.st_uid, st.st_gid)
+    os.chmod(upper, st.st_mode & 0o7777)
 
 
 def _valid_name(name: str) -> bool:
