@@ -1,0 +1,331 @@
+"""The fork server: a resident process that has imported what `layerfs mount` needs and runs
+each such command in a fork of itself (why, and how clients find it: `forkserver_client`).
+
+Whom it serves: only its own user (SO_PEERCRED), and only a caller in the same context as
+itself, so that a command run here is the command the caller would have run: the same
+namespaces, root directory, cgroup, credentials and groups, capabilities, no_new_privs and
+seccomp mode, CPU and memory affinity, nice value, OOM score, resource limits and security
+label (all read from /proc for both). It declines anything else, and the caller runs the
+command itself. What may differ between callers comes with the request: argv, environment,
+umask, working directory, and stdin, stdout and stderr.
+
+How: single-threaded, because it forks. A poll loop accepts requests and watches its
+children through pidfds; a child runs the command and exits, and the server sends the
+caller its exit status. The server ends after `IDLE_SECONDS` without a request, when its
+socket is removed or replaced, or on SIGTERM. When one of its source files has changed it
+declines the request that noticed with "retired", stops listening and lets go of its lock,
+so that the caller starts a server with the new code; it ends once its running children have.
+
+Run as `python -P -m layerfs.cli.forkserver SOCKET` (the client does that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import marshal
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import NoReturn
+
+from layerfs.cli import forkserver_client as client
+
+IDLE_SECONDS = 600.0
+_TICK_MS = 30_000
+_MAX_REQUEST = 1 << 20
+_REQUEST_TIMEOUT = 5.0
+_PRELOAD = ("layerfs.cli.main", "layerfs.cli.commands_containers", "concurrent.futures",
+            "traceback")
+"""What `layerfs mount` and its daemon import, so that a child imports nothing."""
+
+_NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup")
+_STATUS_FIELDS = (b"Uid:", b"Gid:", b"Groups:", b"Cap", b"NoNewPrivs:", b"Seccomp",
+                  b"Cpus_allowed_list:", b"Mems_allowed_list:")
+
+
+def context(pid: int | str) -> tuple[object, ...]:
+    """What a process runs with beyond its arguments, as far as a command can tell (OSError
+    if /proc will not say)."""
+    proc = f"/proc/{pid}"
+    namespaces = tuple(os.stat(f"{proc}/ns/{name}").st_ino for name in _NAMESPACES)
+    root = os.stat(f"{proc}/root")
+    with open(f"{proc}/status", "rb") as f:
+        status = tuple(line for line in f if line.startswith(_STATUS_FIELDS))
+    with open(f"{proc}/stat", "rb") as f:
+        nice = f.read().rsplit(b")", 1)[1].split()[16]
+    files = []
+    for name in ("cgroup", "limits", "oom_score_adj"):
+        with open(f"{proc}/{name}", "rb") as f:
+            files.append(f.read())
+    try:
+        with open(f"{proc}/attr/current", "rb") as f:
+            files.append(f.read())
+    except OSError:  # no LSM: missing, or EINVAL
+        files.append(b"")
+    return namespaces, (root.st_dev, root.st_ino), status, nice, tuple(files)
+
+
+def _sources() -> dict[str, tuple[int, int, int]]:
+    """The files whose change makes this server's code stale: every loaded module of layerfs
+    and of its CLI library, and the interpreter."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = {os.path.realpath(sys.executable)}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and (name.split(".")[0] in ("layerfs", "click") or path.startswith(package)):
+            paths.add(path)
+    return {path: _identity(path) for path in paths}
+
+
+def _identity(path: str) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _Refusal(Exception):
+    def __init__(self, answer: bytes) -> None:
+        super().__init__(answer)
+        self.answer = answer
+        """b"N" and why (the caller runs the command itself) or b"R" and why (and starts a
+        new server too)"""
+
+
+class Server:
+    def __init__(self, path: str, lock_fd: int) -> None:
+        self.path = path
+        self.lock_fd: int | None = lock_fd
+        self.sources = _sources()
+        self.listener: socket.socket | None = socket.socket(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a dead predecessor's; we hold the lock
+        umask = os.umask(0o077)
+        try:
+            self.listener.bind(path)
+        finally:
+            os.umask(umask)
+        self.listener.listen(64)
+        self.socket_ino = os.stat(path).st_ino
+        self.poller = select.poll()
+        self.poller.register(self.listener, select.POLLIN)
+        self.children: dict[int, tuple[int, socket.socket]] = {}
+        """pidfd -> (pid, the caller's connection)"""
+
+    def run(self) -> None:
+        last_request = time.monotonic()
+        while self.listener is not None or self.children:
+            for fd, _events in self.poller.poll(_TICK_MS if self.listener else None):
+                if self.listener is not None and fd == self.listener.fileno():
+                    last_request = time.monotonic()
+                    try:
+                        self._accept()
+                    except Exception:
+                        # one bad request must not end the server; its connection is closed
+                        # and its caller runs the command itself
+                        pass
+                elif fd in self.children:
+                    self._reap(fd)
+            if self.listener is not None and not self.children and (
+                    time.monotonic() - last_request > IDLE_SECONDS or not self._socket_is_ours()):
+                self._retire()
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with contextlib.ExitStack() as stack:
+            stack.callback(conn.close)
+            fds: list[int] = []
+            stack.callback(lambda: _close_all(fds))
+            peer_pid, peer_uid, _gid = struct.unpack(
+                "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            if peer_uid != os.geteuid():
+                return
+            conn.settimeout(_REQUEST_TIMEOUT)
+            try:
+                message, fds, flags, _ = socket.recv_fds(conn, _MAX_REQUEST, 4)
+            except OSError:
+                return
+            try:
+                argv, env, umask = self._request(message, fds, flags, peer_pid)
+            except _Refusal as refusal:
+                with contextlib.suppress(OSError):
+                    conn.send(refusal.answer)
+                if refusal.answer.startswith(b"R"):
+                    self._retire()
+                return
+            pid = os.fork()
+            if pid == 0:
+                _child(argv, env, umask, fds, self._inherited(conn))
+            pidfd = os.pidfd_open(pid)
+            stack.pop_all()
+            for fd in fds:
+                os.close(fd)
+            try:
+                conn.send(b"Y" + struct.pack("!i", pid))
+            except OSError:
+                pass  # the caller is gone; its command runs to the end all the same
+            self.children[pidfd] = (pid, conn)
+            self.poller.register(pidfd, select.POLLIN)
+
+    def _request(self, message: bytes, fds: list[int], flags: int,
+                 peer_pid: int) -> tuple[list[str], dict[bytes, bytes], int]:
+        """The command to run: argv, environment, umask; `_Refusal` if it cannot run here."""
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 4:
+            raise _Refusal(b"Nmalformed request")
+        try:
+            protocol, installation, argv, env, umask = marshal.loads(message)
+        except (EOFError, ValueError, TypeError):
+            raise _Refusal(b"Nmalformed request") from None
+        if (protocol != client.PROTOCOL or installation != client.installation()
+                or not isinstance(argv, list) or not isinstance(env, dict)
+                or not isinstance(umask, int)):
+            raise _Refusal(b"Nanother version of layerfs")
+        if any(_identity(path) != identity for path, identity in self.sources.items()):
+            raise _Refusal(b"Rretired: its code has changed")
+        try:
+            same = context(peer_pid) == context("self")
+        except OSError:
+            same = False
+        if not same:
+            raise _Refusal(b"Nthe caller runs in another context (namespaces, cgroup, "
+                           b"credentials)")
+        return argv, env, umask
+
+    def _reap(self, pidfd: int) -> None:
+        pid, conn = self.children.pop(pidfd)
+        self.poller.unregister(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        with contextlib.suppress(OSError):
+            conn.send(b"S" + struct.pack("!i", code if code >= 0 else 128 - code))
+        conn.close()
+
+    def _inherited(self, conn: socket.socket) -> list[int]:
+        """What a child must close: it must not keep the server's lock or sockets alive (the
+        mount daemon it starts lives on for as long as the mount)."""
+        fds = [conn.fileno(), *self.children]
+        if self.listener is not None:
+            fds.append(self.listener.fileno())
+        if self.lock_fd is not None:
+            fds.append(self.lock_fd)
+        return fds
+
+    def _socket_is_ours(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == self.socket_ino
+        except OSError:
+            return False
+
+    def _retire(self) -> None:
+        """Stop listening and let a successor start; running children still get reported."""
+        if self.listener is None:
+            return
+        if self._socket_is_ours():
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        self.poller.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _child(argv: list[str], env: dict[bytes, bytes], umask: int, fds: list[int],
+           inherited: list[int]) -> NoReturn:
+    """Become the caller's command: its directory, stdio, environment and umask; then run."""
+    code = 1
+    try:
+        for fd in inherited:
+            os.close(fd)
+        cwd, *stdio = fds
+        os.fchdir(cwd)
+        os.close(cwd)
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+            os.close(fd)
+        _reopen_stdio()
+        os.umask(umask)
+        os.environb.clear()
+        os.environb.update(env)
+        sys.argv = list(argv)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        from layerfs.cli.main import main
+
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _reopen_stdio() -> None:
+    """New stream objects over fds 0-2, buffered as the interpreter would for these files (a
+    terminal is line-buffered) rather than as it did for the server's /dev/null."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        old = getattr(sys, name)
+        line_buffered = fd == 2 or (fd == 1 and os.isatty(fd))
+        stream = open(fd, "r" if fd == 0 else "w", buffering=1 if line_buffered else -1,  # noqa: SIM115
+                      encoding=old.encoding, errors=old.errors, closefd=False)
+        setattr(sys, name, stream)
+
+
+def _exit_code(value: object) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value & 0xFF
+    sys.stderr.write(f"{value}\n")
+    return 1
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -P -m layerfs.cli.forkserver SOCKET")
+    path = sys.argv[1]
+    os.chdir("/")
+    lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another server is up, or starting
+    os.ftruncate(lock_fd, 0)
+    os.write(lock_fd, f"{os.getpid()}\n".encode())
+    import importlib
+
+    for name in _PRELOAD:
+        importlib.import_module(name)
+    server = Server(path, lock_fd)
+    gc.collect()
+    gc.freeze()  # children share the imported objects' pages instead of copying them
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The fork server that runs `layerfs mount` for callers in its own context.
+
+Each test has a runtime dir of its own, so it sees the server start, serve, decline and go.
+`LAYERFS_DEBUG=1` makes the client say where the command ran; what the tests check beyond
+that is what a user sees: the mount, the output, the exit status, the error line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from layerfs.cli.entry import handed_over
+from tests.conftest import is_forkserver, stop_forkservers
+from tests.containertools import ContainerStore, busybox_user_tarball
+from tests.imagetools import LAYERFS, is_mounted
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+IMAGE = "bb:base"
+RAN = "ran the command"
+STARTED = "none is up; starting one"
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["mount", "img", "/mnt"], True),
+    (["--root", "/s", "mount", "--name", "web", "img", "/mnt"], True),
+    (["--root=/s", "mount", "--name=web", "img", "/mnt"], True),
+    (["mount", "-f", "img", "/mnt"], False),
+    (["mount", "img", "/mnt", "--foreground"], False),
+    (["mount", "--help"], False),
+    (["--debug", "mount", "img", "/mnt"], False),
+    (["umount", "/mnt"], False),
+    (["run", "mount", "/mnt"], False),
+    (["--root"], False),
+    ([], False),
+])
+def test_only_a_plain_background_mount_is_handed_over(args: list[str], expected: bool) -> None:
+    assert handed_over(args) is expected
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("template") / "store"
+    tar = busybox_user_tarball(tmp_path_factory.mktemp("busybox"))
+    ContainerStore(root).ok("import", str(tar), IMAGE)
+    return root
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "runtime"
+    path.mkdir(mode=0o700)
+    try:
+        yield path
+    finally:
+        stop_forkservers(path)
+
+
+@pytest.fixture
+def store(tmp_path: Path, template: Path) -> Iterator[ContainerStore]:
+    s = ContainerStore.copy_of(template, tmp_path / "store")
+    try:
+        yield s
+    finally:
+        s.cleanup()
+
+
+def mount(store: ContainerStore, runtime: Path, mountpoint: Path, *wrapper: str,
+          create: bool = True) -> subprocess.CompletedProcess[str]:
+    """`layerfs mount IMAGE MNT` with the client's trace on; unmounted by the store's cleanup."""
+    if create:
+        mountpoint.mkdir(exist_ok=True)
+    store.mounts.append(mountpoint)
+    return subprocess.run(
+        [*wrapper, str(LAYERFS), "--root", str(store.root), "mount", IMAGE, str(mountpoint)],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "LAYERFS_RUNTIME_DIR": str(runtime), "LAYERFS_DEBUG": "1"},
+    )
+
+
+def server_pid(runtime: Path, timeout: float = 30.0) -> int:
+    """The pid of the server in `runtime` once it listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        socks = list(runtime.glob("forkserver-*.sock"))
+        locks = list(runtime.glob("forkserver-*.sock.lock"))
+        if socks and locks and locks[0].read_text().strip().isdigit():
+            return int(locks[0].read_text())
+        assert time.monotonic() < deadline, "no fork server started"
+        time.sleep(0.01)
+
+
+def test_the_first_mount_starts_a_server_and_the_next_ones_run_in_it(
+        store: ContainerStore, runtime: Path, tmp_path: Path) -> None:
+    first = mount(store, runtime, tmp_path / "m1")
+    assert first.returncode == 0, first.stderr
+    assert STARTED in first.stderr
+    pid = server_pid(runtime)
+
+    # a relative mountpoint, an environment variable and a umask of the caller's own
+    (tmp_path / "work").mkdir()
+    (tmp_path / "m2").mkdir()
+    second = subprocess.run(
+        ["sh", "-c", f'umask 027; exec "$0" --root "$1" mount {IMAGE} ../m2', str(LAYERFS),
+         str(store.root)],
+        capture_output=True, text=True, cwd=tmp_path / "work", timeout=60,
+        env={**os.environ, "LAYERFS_RUNTIME_DIR": str(runtime), "LAYERFS_DEBUG": "1"},
+    )
+    store.mounts.append(tmp_path / "m2")
+    assert second.returncode == 0, second.stderr
+    assert RAN in second.stderr
+    assert is_mounted(tmp_path / "m2")
+    container_id = second.stdout.strip()
+    assert len(container_id) == 64
+    # the container's dirs were made with the caller's umask, not the server's
+    work = store.root / "containers" / container_id / "work"
+    assert work.stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "m2" / "etc" / "motd").read_text() == "base motd\n"
+    assert server_pid(runtime) == pid  # the same server serves on
+
+
+def test_a_failing_mount_reports_its_error_and_status_through_the_server(
+        store: ContainerStore, runtime: Path, tmp_path: Path) -> None:
+    assert mount(store, runtime, tmp_path / "m1").returncode == 0
+    server_pid(runtime)
+    result = mount(store, runtime, tmp_path / "missing", create=False)
+    assert RAN in result.stderr
+    assert result.returncode == 1
+    error = f"layerfs: {tmp_path / 'missing'}: mountpoint does not exist"
+    assert error in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("wrapper", [("nice", "-n", "5"), ("unshare", "--mount")],
+                         ids=["nice", "mount-namespace"])
+def test_a_caller_in_another_context_runs_the_command_itself(
+        store: ContainerStore, runtime: Path, tmp_path: Path, wrapper: tuple[str, ...]) -> None:
+    assert mount(store, runtime, tmp_path / "m1").returncode == 0
+    server_pid(runtime)
+    (tmp_path / "m2").mkdir()
+    if wrapper[0] == "unshare":
+        # the mount must land in the caller's namespace: check it from inside, then unmount
+        script = (f'"$0" --root "$1" mount {IMAGE} "$2" && cat "$2/etc/motd" && '
+                  f'fusermount3 -u "$2"')
+        result = subprocess.run(
+            [*wrapper, "sh", "-c", script, str(LAYERFS), str(store.root), str(tmp_path / "m2")],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "LAYERFS_RUNTIME_DIR": str(runtime), "LAYERFS_DEBUG": "1"})
+        assert result.returncode == 0, result.stderr
+        assert "base motd" in result.stdout
+        assert not is_mounted(tmp_path / "m2")
+    else:
+        result = mount(store, runtime, tmp_path / "m2", *wrapper)
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(tmp_path / "m2")
+    assert "declined: the caller runs in another context" in result.stderr
+
+
+def test_a_caller_with_stdout_closed_runs_the_command_itself(
+        store: ContainerStore, runtime: Path, tmp_path: Path) -> None:
+    assert mount(store, runtime, tmp_path / "m1").returncode == 0
+    server_pid(runtime)
+    (tmp_path / "m2").mkdir()
+    store.mounts.append(tmp_path / "m2")
+    result = subprocess.run(
+        ["sh", "-c", f'exec "$0" --root "$1" mount {IMAGE} "$2" >&-', str(LAYERFS),
+         str(store.root), str(tmp_path / "m2")],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "LAYERFS_RUNTIME_DIR": str(runtime), "LAYERFS_DEBUG": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "declined: file descriptor 1 is closed" in result.stderr
+    assert is_mounted(tmp_path / "m2")
+
+
+def test_a_killed_server_is_replaced(store: ContainerStore, runtime: Path,
+                                     tmp_path: Path) -> None:
+    assert mount(store, runtime, tmp_path / "m1").returncode == 0
+    pid = server_pid(runtime)
+    os.kill(pid, signal.SIGKILL)
+    while is_forkserver(pid):
+        time.sleep(0.01)
+    result = mount(store, runtime, tmp_path / "m2")  # its socket is still there: refused
+    assert result.returncode == 0, result.stderr
+    assert STARTED in result.stderr
+    assert server_pid(runtime) != pid
+    third = mount(store, runtime, tmp_path / "m3")
+    assert third.returncode == 0 and RAN in third.stderr, third.stderr
+
+
+def test_a_runtime_dir_open_to_others_is_not_used(store: ContainerStore, tmp_path: Path) -> None:
+    runtime = tmp_path / "shared"
+    runtime.mkdir()
+    runtime.chmod(0o777)
+    for name in ("m1", "m2"):
+        result = mount(store, runtime, tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(tmp_path / name)
+    assert list(runtime.iterdir()) == []
