@@ -21,7 +21,7 @@ from tests.containertools import (
     busybox_user_tarball,
     mounts_by_source,
 )
-from tests.imagetools import umoci_unpack
+from tests.imagetools import LAYERFS, umoci_unpack
 from tests.treecmp import diff, snapshot
 
 if TYPE_CHECKING:
@@ -111,6 +111,23 @@ def test_two_containers_of_one_image_each_see_only_their_own_writes(
     store.mount("one", tmp_path / "again")
     assert (tmp_path / "again" / "root" / "from-one").read_text() == "1"
     assert not (tmp_path / "again" / "root" / "from-two").exists()
+
+
+def test_the_containers_root_has_the_images_mode_whatever_the_umask(
+    store: ContainerStore, tmp_path: Path
+) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    store.mounts.append(mountpoint)
+    subprocess.run(["sh", "-c", 'umask 077; exec "$@"', "sh", str(LAYERFS), "--root",
+                    str(store.root), "mount", IMAGE, str(mountpoint)], check=True,
+                   capture_output=True)
+    (layer,) = (store.root / "layers").iterdir()
+    image_root = (layer / "diff").stat()
+    root = mountpoint.stat()
+    assert (stat.S_IMODE(root.st_mode), root.st_uid, root.st_gid) == (
+        stat.S_IMODE(image_root.st_mode), image_root.st_uid, image_root.st_gid)
+    assert stat.S_IMODE(root.st_mode) == 0o755
 
 
 def test_rm_refuses_a_mounted_container_and_rm_f_unmounts_it(
