@@ -4,15 +4,15 @@ fork server runtime dir of the run's own."""
 from __future__ import annotations
 
 import os
-import signal
-import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from layerfs.cli.forkserver_client import stop_servers
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,30 +43,5 @@ def forkserver_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator
             del os.environ["LAYERFS_RUNTIME_DIR"]
         else:
             os.environ["LAYERFS_RUNTIME_DIR"] = saved
-        stop_forkservers(runtime)
+        stop_servers(str(runtime))
 
-
-def stop_forkservers(runtime: Path, timeout: float = 10.0) -> None:
-    """SIGTERM the fork servers a run started in `runtime` (their pids are in the lock files)
-    and wait until they are gone."""
-    pids = []
-    for lock in runtime.glob("forkserver-*.lock"):
-        text = lock.read_text().strip()
-        if text.isdigit():
-            pids.append(int(text))
-    for pid in pids:
-        if is_forkserver(pid):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while any(is_forkserver(pid) for pid in pids):
-        assert time.monotonic() < deadline, f"fork servers {pids} still running"
-        time.sleep(0.01)
-
-
-def is_forkserver(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return b"layerfs.cli.forkserver" in cmdline and state not in (b"Z", b"X")

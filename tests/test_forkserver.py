@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from layerfs.cli.entry import handed_over
-from tests.conftest import is_forkserver, stop_forkservers
+from layerfs.cli.forkserver_client import is_server, stop_servers
 from tests.containertools import ContainerStore, busybox_user_tarball
 from tests.imagetools import LAYERFS, is_mounted
 
@@ -61,7 +61,7 @@ def runtime(tmp_path: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
-        stop_forkservers(path)
+        stop_servers(str(path))
 
 
 @pytest.fixture
@@ -184,7 +184,7 @@ def test_a_killed_server_is_replaced(store: ContainerStore, runtime: Path,
     assert mount(store, runtime, tmp_path / "m1").returncode == 0
     pid = server_pid(runtime)
     os.kill(pid, signal.SIGKILL)
-    while is_forkserver(pid):
+    while is_server(pid):
         time.sleep(0.01)
     result = mount(store, runtime, tmp_path / "m2")  # its socket is still there: refused
     assert result.returncode == 0, result.stderr

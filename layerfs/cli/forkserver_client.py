@@ -177,3 +177,36 @@ def spawn() -> None:
         )
     except OSError:
         pass  # no server this time; the command runs all the same
+
+
+def stop_servers(directory: str, timeout: float = 10.0) -> list[int]:
+    """SIGTERM the fork servers whose sockets are in `directory` and wait until they are gone;
+    their pids. For whoever made the directory (a test run, a benchmark) to clean up after."""
+    import glob
+    import time
+
+    pids = []
+    for lock in glob.glob(os.path.join(glob.escape(directory), "forkserver-*.sock.lock")):
+        with open(lock, "rb") as f:
+            text = f.read().strip()
+        if text.isdigit() and is_server(int(text)):
+            pids.append(int(text))
+            os.kill(int(text), _signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(is_server(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fork servers {pids} still running after {timeout:.0f} s")
+        time.sleep(0.01)
+    return pids
+
+
+def is_server(pid: int) -> bool:
+    """Alive (not a zombie) and a fork server, not whatever reused the pid."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return b"layerfs.cli.forkserver" in cmdline and state not in (b"Z", b"X")
