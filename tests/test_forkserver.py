@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -22,7 +23,6 @@ from tests.imagetools import LAYERFS, is_mounted
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
 IMAGE = "bb:base"
 RAN = "ran the command"
@@ -87,13 +87,13 @@ def mount(store: ContainerStore, runtime: Path, mountpoint: Path, *wrapper: str,
 
 
 def server_pid(runtime: Path, timeout: float = 30.0) -> int:
-    """The pid of the server in `runtime` once it listens."""
+    """The pid of the server in `runtime` once it listens (it writes its pid then)."""
     deadline = time.monotonic() + timeout
     while True:
-        socks = list(runtime.glob("forkserver-*.sock"))
-        locks = list(runtime.glob("forkserver-*.sock.lock"))
-        if socks and locks and locks[0].read_text().strip().isdigit():
-            return int(locks[0].read_text())
+        for lock in runtime.glob("forkserver-*.sock.lock"):
+            text = lock.read_text().strip()
+            if text.isdigit() and is_server(int(text)):
+                return int(text)
         assert time.monotonic() < deadline, "no fork server started"
         time.sleep(0.01)
 
@@ -203,3 +203,60 @@ def test_a_runtime_dir_open_to_others_is_not_used(store: ContainerStore, tmp_pat
         assert result.returncode == 0, result.stderr
         assert is_mounted(tmp_path / name)
     assert list(runtime.iterdir()) == []
+
+
+def test_layerfs_overlay_runs_in_the_server_too(runtime: Path, tmp_path: Path) -> None:
+    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    for directory in (lower, upper, work):
+        directory.mkdir()
+    (lower / "hello").write_text("hi\n")
+    program = LAYERFS.parent / "layerfs-overlay"
+    env = {**os.environ, "LAYERFS_RUNTIME_DIR": str(runtime), "LAYERFS_DEBUG": "1"}
+
+    def overlay(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(program), *args], capture_output=True, text=True,
+                              env=env, timeout=60)
+
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    mountpoints = [tmp_path / "m1", tmp_path / "m2"]
+    try:
+        for index, mountpoint in enumerate(mountpoints):
+            mountpoint.mkdir()
+            result = overlay("-o", options, str(mountpoint))
+            assert result.returncode == 0, result.stderr
+            assert (mountpoint / "hello").read_text() == "hi\n"
+            if index == 0:
+                assert STARTED in result.stderr
+                server_pid(runtime)
+            else:
+                assert RAN in result.stderr
+                # its daemon shows the caller's command line, not the server's
+                assert daemons_with_command_line(
+                    [str(program), "-o", options, str(mountpoint)]) != []
+            assert subprocess.run(["fusermount3", "-u", str(mountpoint)]).returncode == 0
+        refused = overlay("-o", f"bogus=1,{options}", str(mountpoints[0]))
+        assert RAN in refused.stderr
+        assert refused.returncode == 2
+        assert "layerfs-overlay: bogus: unknown option" in refused.stderr.splitlines()
+    finally:
+        for mountpoint in mountpoints:
+            if is_mounted(mountpoint):
+                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)])
+
+
+def daemons_with_command_line(argv: list[str]) -> list[int]:
+    """Processes named layerfs-overlay whose /proc/PID/cmdline is `argv`: as separate
+    arguments, or joined by spaces where the server may not move its argument area."""
+    args = [os.fsencode(arg) for arg in argv]
+    wanted = (b"\0".join(args) + b"\0", b" ".join(args))
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            comm = Path(f"/proc/{name}/comm").read_text().strip()
+        except (OSError, NotADirectoryError):
+            continue
+        if (cmdline == wanted[0] or cmdline.rstrip(b"\0 ") == wanted[1]) and (
+                comm == "layerfs-overlay"):
+            found.append(int(name))
+    return found

@@ -44,7 +44,10 @@ def daemon_pid(mnt: Path) -> int:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(b"layerfs-overlay" in part for part in cmdline) and str(mnt).encode() in cmdline:
+        # separate arguments, or one string of them when the fork server ran the command
+        # (see layerfs.cli.forkserver._show_command_line)
+        words = [word for part in cmdline for word in part.split(b" ")]
+        if any(b"layerfs-overlay" in word for word in words) and str(mnt).encode() in words:
             return int(pid)
     raise AssertionError(f"no daemon found for {mnt}")
 

@@ -1,5 +1,6 @@
-"""The `layerfs` program: `layerfs mount` goes to the fork server when one is up; everything
-else, and a mount the server declines, runs in this process (see `forkserver_client`).
+"""The `layerfs` and `layerfs-overlay` programs: a mount goes to the fork server when one is
+up; everything else, and a mount the server declines, runs in this process (see
+`forkserver_client`).
 
 Only a plain background mount is handed over: it is the command whose latency is a target
 (under 100 ms, as the start of a container), it needs no terminal, and it ends as soon as the
@@ -39,20 +40,39 @@ def handed_over(args: list[str]) -> bool:
 
 
 def main() -> None:
+    """`layerfs`"""
     if forkserver_client.enabled() and handed_over(sys.argv[1:]):
-        try:
-            code = forkserver_client.call(sys.argv)
-        except forkserver_client.Declined as exc:
-            _trace(f"declined: {exc}; running the command here")
-        else:
-            if code is not None:
-                _trace("ran the command")
-                sys.exit(code)
-            _trace("none is up; starting one, and running the command here")
-            forkserver_client.spawn()
+        _hand_over("layerfs")
     from layerfs.cli.main import main as run_here
 
     run_here()
+
+
+def overlay_main() -> None:
+    """`layerfs-overlay`: every call but a foreground one (`-f`) or a request for help."""
+    if forkserver_client.enabled() and not set(sys.argv[1:]) & _OVERLAY_HERE:
+        _hand_over("layerfs-overlay")
+    from layerfs.cli import overlay_main as run_here
+
+    sys.exit(run_here.main())
+
+
+_OVERLAY_HERE = {"-f", "-d", "-h", "--help", "-V", "--version"}
+
+
+def _hand_over(program: str) -> None:
+    """Exit with the status of `program` run by the fork server; return if it cannot run it
+    (then it starts one, unless one is up and declined)."""
+    try:
+        code = forkserver_client.call(program, sys.argv)
+    except forkserver_client.Declined as exc:
+        _trace(f"declined: {exc}; running the command here")
+        return
+    if code is not None:
+        _trace("ran the command")
+        sys.exit(code)
+    _trace("none is up; starting one, and running the command here")
+    forkserver_client.spawn()
 
 
 def _trace(what: str) -> None:

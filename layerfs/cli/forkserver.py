@@ -1,5 +1,6 @@
-"""The fork server: a resident process that has imported what `layerfs mount` needs and runs
-each such command in a fork of itself (why, and how clients find it: `forkserver_client`).
+"""The fork server: a resident process that has imported what `layerfs mount` and
+`layerfs-overlay` need and runs each such command in a fork of itself (why, and how clients
+find it: `forkserver_client`).
 
 Whom it serves: only its own user (SO_PEERCRED), and only a caller in the same context as
 itself, so that a command run here is the command the caller would have run: the same
@@ -40,9 +41,10 @@ IDLE_SECONDS = 600.0
 _TICK_MS = 30_000
 _MAX_REQUEST = 1 << 20
 _REQUEST_TIMEOUT = 5.0
-_PRELOAD = ("layerfs.cli.main", "layerfs.cli.commands_containers", "concurrent.futures",
-            "traceback")
-"""What `layerfs mount` and its daemon import, so that a child imports nothing."""
+_PRELOAD = ("layerfs.cli.main", "layerfs.cli.commands_containers", "layerfs.cli.overlay_main",
+            "concurrent.futures", "traceback")
+"""What `layerfs mount`, `layerfs-overlay` and the daemon import, so that a child imports
+nothing."""
 
 _NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup")
 _STATUS_FIELDS = (b"Uid:", b"Gid:", b"Groups:", b"Cap", b"NoNewPrivs:", b"Seccomp",
@@ -158,7 +160,7 @@ class Server:
             except OSError:
                 return
             try:
-                argv, env, umask = self._request(message, fds, flags, peer_pid)
+                program, argv, env, umask = self._request(message, fds, flags, peer_pid)
             except _Refusal as refusal:
                 with contextlib.suppress(OSError):
                     conn.send(refusal.answer)
@@ -167,7 +169,7 @@ class Server:
                 return
             pid = os.fork()
             if pid == 0:
-                _child(argv, env, umask, fds, self._inherited(conn))
+                _child(program, argv, env, umask, fds, self._inherited(conn))
             pidfd = os.pidfd_open(pid)
             stack.pop_all()
             for fd in fds:
@@ -180,17 +182,18 @@ class Server:
             self.poller.register(pidfd, select.POLLIN)
 
     def _request(self, message: bytes, fds: list[int], flags: int,
-                 peer_pid: int) -> tuple[list[str], dict[bytes, bytes], int]:
-        """The command to run: argv, environment, umask; `_Refusal` if it cannot run here."""
+                 peer_pid: int) -> tuple[str, list[str], dict[bytes, bytes], int]:
+        """The command to run: program, argv, environment, umask; `_Refusal` if it cannot run
+        here."""
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 4:
             raise _Refusal(b"Nmalformed request")
         try:
-            protocol, installation, argv, env, umask = marshal.loads(message)
+            protocol, installation, program, argv, env, umask = marshal.loads(message)
         except (EOFError, ValueError, TypeError):
             raise _Refusal(b"Nmalformed request") from None
         if (protocol != client.PROTOCOL or installation != client.installation()
-                or not isinstance(argv, list) or not isinstance(env, dict)
-                or not isinstance(umask, int)):
+                or program not in client.PROGRAMS or not isinstance(argv, list)
+                or not isinstance(env, dict) or not isinstance(umask, int)):
             raise _Refusal(b"Nanother version of layerfs")
         if any(_identity(path) != identity for path, identity in self.sources.items()):
             raise _Refusal(b"Rretired: its code has changed")
@@ -201,7 +204,7 @@ class Server:
         if not same:
             raise _Refusal(b"Nthe caller runs in another context (namespaces, cgroup, "
                            b"credentials)")
-        return argv, env, umask
+        return program, argv, env, umask
 
     def _reap(self, pidfd: int) -> None:
         pid, conn = self.children.pop(pidfd)
@@ -249,7 +252,7 @@ def _close_all(fds: list[int]) -> None:
         os.close(fd)
 
 
-def _child(argv: list[str], env: dict[bytes, bytes], umask: int, fds: list[int],
+def _child(program: str, argv: list[str], env: dict[bytes, bytes], umask: int, fds: list[int],
            inherited: list[int]) -> NoReturn:
     """Become the caller's command: its directory, stdio, environment and umask; then run."""
     code = 1
@@ -267,11 +270,17 @@ def _child(argv: list[str], env: dict[bytes, bytes], umask: int, fds: list[int],
         os.environb.clear()
         os.environb.update(env)
         sys.argv = list(argv)
+        _show_command_line(argv)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        from layerfs.cli.main import main
+        if program == "layerfs-overlay":
+            from layerfs.cli import overlay_main
 
-        main()
-        code = 0
+            code = overlay_main.main()
+        else:
+            from layerfs.cli.main import main
+
+            main()
+            code = 0
     except SystemExit as exc:
         code = _exit_code(exc.code)
     except BaseException:
@@ -283,6 +292,51 @@ def _child(argv: list[str], env: dict[bytes, bytes], umask: int, fds: list[int],
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(code)
+
+
+_PR_SET_NAME = 15
+_PR_SET_MM, _PR_SET_MM_ARG_START, _PR_SET_MM_ARG_END = 35, 8, 9
+_command_line: object = None
+"""The buffer /proc/self/cmdline points to once `_show_command_line` moved it: kept alive."""
+
+
+def _show_command_line(argv: list[str]) -> None:
+    """Make ps, pgrep -f and /proc/PID/cmdline show the caller's command, not the server's:
+    a mount's daemon (forked from this child) is found by it, as fuse-overlayfs's is.
+
+    With CAP_SYS_RESOURCE the kernel points the process's argument area at new memory
+    (PR_SET_MM), and the arguments stay separate. Without it the command is written over the
+    server's own arguments and environment strings, joined by spaces (the old environment is
+    no longer used: the caller's replaced it), which /proc shows as one string (setproctitle's
+    way). Must run after the environment is replaced."""
+    import ctypes
+
+    global _command_line
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong]  # addresses: not C ints
+    name = ctypes.create_string_buffer(os.path.basename(os.fsencode(argv[0]))[:15])
+    libc.prctl(_PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)
+    args = [os.fsencode(arg) for arg in argv]
+    text = b"\0".join(args) + b"\0"
+    buffer = ctypes.create_string_buffer(text, len(text))
+    start, end = ctypes.addressof(buffer), ctypes.addressof(buffer) + len(text)
+    # each step must leave arg_start <= arg_end: which end moves first depends on where
+    # the new memory lies
+    for first, second in ((_PR_SET_MM_ARG_START, start), (_PR_SET_MM_ARG_END, end)), \
+            ((_PR_SET_MM_ARG_END, end), (_PR_SET_MM_ARG_START, start)):
+        if (libc.prctl(_PR_SET_MM, first[0], first[1], 0, 0) == 0
+                and libc.prctl(_PR_SET_MM, second[0], second[1], 0, 0) == 0):
+            _command_line = buffer
+            return
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    arg_start, arg_end, env_start, env_end = (int(field) for field in fields[45:49])
+    room = (env_end if env_start == arg_end else arg_end) - arg_start
+    title = b" ".join(args)[:room - 1]
+    if len(title) < arg_end - arg_start:  # the last argument byte must not be NUL
+        title = title.ljust(arg_end - arg_start, b" ")
+    ctypes.memmove(arg_start, title + b"\0" * (room - len(title)), room)
 
 
 def _reopen_stdio() -> None:
@@ -309,19 +363,22 @@ def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python -P -m layerfs.cli.forkserver SOCKET")
     path = sys.argv[1]
+    # whatever the spawning command had open (a pipe its caller reads to the end, say) must
+    # not live on in a process that lives for minutes
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     os.chdir("/")
     lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return  # another server is up, or starting
-    os.ftruncate(lock_fd, 0)
-    os.write(lock_fd, f"{os.getpid()}\n".encode())
     import importlib
 
     for name in _PRELOAD:
         importlib.import_module(name)
     server = Server(path, lock_fd)
+    os.ftruncate(lock_fd, 0)  # the pid, once it listens
+    os.write(lock_fd, f"{os.getpid()}\n".encode())
     gc.collect()
     gc.freeze()  # children share the imported objects' pages instead of copying them
     server.run()

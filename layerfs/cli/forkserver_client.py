@@ -60,9 +60,12 @@ def runtime_dir() -> str:
 
 
 def installation() -> str:
-    """What a server must share with its clients: the interpreter and the package's directory."""
+    """What a server must share with its clients: the interpreter, the package's directory, and
+    the PYTHON* variables, which decide what an import finds and how the interpreter runs."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return f"{os.path.realpath(sys.executable)}\0{package}"
+    python = sorted(f"{key}={value}" for key, value in os.environ.items()
+                    if key.startswith("PYTHON"))
+    return "\0".join([os.path.realpath(sys.executable), package, *python])
 
 
 def socket_path(directory: str | None = None) -> str:
@@ -84,8 +87,12 @@ class Declined(Exception):
     """The server is there but will not run this command (its reason is the message)."""
 
 
-def call(argv: list[str]) -> int | None:
-    """Run `argv` (with `argv[0]` the program) in a child of the fork server; its exit status.
+PROGRAMS = ("layerfs", "layerfs-overlay")
+
+
+def call(program: str, argv: list[str]) -> int | None:
+    """Run `program` (one of PROGRAMS) with `argv` (`argv[0]` included) in a child of the fork
+    server; its exit status.
 
     None when no server answers at the socket, or the one there has retired (the caller runs
     the command itself, and may start a server); `Declined` when one answers but will not run
@@ -110,7 +117,8 @@ def call(argv: list[str]) -> int | None:
             raise Declined("the fork server runs as another user")
         umask = os.umask(0o022)
         os.umask(umask)
-        request = marshal.dumps((PROTOCOL, installation(), argv, dict(os.environb), umask))
+        request = marshal.dumps((PROTOCOL, installation(), program, argv, dict(os.environb),
+                                 umask))
         try:
             cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -180,24 +188,39 @@ def spawn() -> None:
 
 
 def stop_servers(directory: str, timeout: float = 10.0) -> list[int]:
-    """SIGTERM the fork servers whose sockets are in `directory` and wait until they are gone;
-    their pids. For whoever made the directory (a test run, a benchmark) to clean up after."""
-    import glob
+    """SIGTERM the fork servers of `directory` and wait until they are gone; their pids. For
+    whoever made the directory (a test run, a benchmark) to clean up after itself.
+
+    A server is known by its command line, which names its socket: this finds one that is
+    still starting too, before it has taken its lock or written its pid."""
     import time
 
-    pids = []
-    for lock in glob.glob(os.path.join(glob.escape(directory), "forkserver-*.sock.lock")):
-        with open(lock, "rb") as f:
-            text = f.read().strip()
-        if text.isdigit() and is_server(int(text)):
-            pids.append(int(text))
-            os.kill(int(text), _signal.SIGTERM)
+    pids = [pid for pid in _pids() if _serves(pid, directory)]
+    for pid in pids:
+        try:
+            os.kill(pid, _signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     deadline = time.monotonic() + timeout
     while any(is_server(pid) for pid in pids):
         if time.monotonic() > deadline:
             raise TimeoutError(f"fork servers {pids} still running after {timeout:.0f} s")
         time.sleep(0.01)
     return pids
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _serves(pid: int, directory: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return (b"layerfs.cli.forkserver" in argv and len(argv) >= 2
+            and os.path.dirname(os.fsdecode(argv[-2])) == directory.rstrip("/"))
 
 
 def is_server(pid: int) -> bool:
