@@ -39,9 +39,8 @@ from benchmarks.overlay import (
     _run_dir,
     handle_signals,
 )
-from benchmarks.procs import CommandError, run
+from benchmarks.procs import CommandError, own_forkserver, run
 from benchmarks.systems import _version_of
-from layerfs.cli import forkserver_client
 
 if TYPE_CHECKING:
     import argparse
@@ -130,7 +129,7 @@ def run_suite(args: argparse.Namespace) -> report.Outcome:
                                QUICK_CHANGES if args.quick else FULL_CHANGES)
         run_dir = _run_dir(stack, cache_dir)
         bytecode = _bytecode_cache(cache_dir, _python_of(args.layerfs))
-        _forkserver_dir(stack, run_dir)
+        own_forkserver(stack, run_dir)  # started by the mount trial's warm-up
         machine = report.machine_facts(cache_dir)
         ctx = Context(
             layerfs=args.layerfs, overlay_program=args.layerfs.parent / "layerfs-overlay",
@@ -220,15 +219,6 @@ def _bytecode_cache(cache_dir: Path, python: Path) -> str:
     os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)
     run([str(python), "-c", WARM_IMPORTS])
     return f"PYTHONPYCACHEPREFIX={prefix}, warmed before the first trial"
-
-
-def _forkserver_dir(stack: ExitStack, run_dir: Path) -> None:
-    """`layerfs mount` hands itself to a fork server (started by the first mount): give the run
-    a server of its own, started by its own warm-up, and stop it at the end."""
-    runtime = run_dir / "runtime"
-    runtime.mkdir(mode=0o700)
-    os.environ["LAYERFS_RUNTIME_DIR"] = str(runtime)
-    stack.callback(forkserver_client.stop_servers, str(runtime))
 
 
 def _python_of(layerfs: Path) -> Path:

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING
 from benchmarks import mounts
 from benchmarks.images_inputs import IMAGE, TAG, Inputs
 from benchmarks.images_report import IMPORTS, parse_importtime
-from benchmarks.procs import CommandError, run, sync, timed, timed_shell
+from benchmarks.procs import CommandError, run, sync, timed, timed_shell, wait_for_forkserver
 from benchmarks.systems import MOUNT_DEADLINE, _unmount_fuse
-from layerfs.cli import forkserver_client
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -179,7 +178,7 @@ def _mount_layerfs(ctx: Context, stack: ExitStack, scratch: Path, run_index: int
         mountpoint.mkdir()
         inner.callback(_unmount_fuse, mountpoint)
         if index == 1:
-            _wait_for_forkserver()
+            wait_for_forkserver(ctx.run_dir / "runtime")
         return ctx.cli(store, "mount", "--name", f"m{run_index}-{index}", IMAGE, str(mountpoint))
 
     return _mount_samples(ctx, scratch, "layerfs", mount)
@@ -200,15 +199,6 @@ def _mount_layerfs_alone(ctx: Context, stack: ExitStack, scratch: Path,
                          str(mountpoint))]
 
     return _mount_samples(ctx, scratch, "layerfs, no fork server", mount)
-
-
-def _wait_for_forkserver(timeout: float = 30.0) -> None:
-    socket = Path(forkserver_client.socket_path())
-    deadline = time.monotonic() + timeout
-    while not socket.exists():
-        if time.monotonic() > deadline:
-            raise CommandError(f"{socket}: no fork server after the warm-up mount")
-        time.sleep(0.01)
 
 
 def overlay_mount_command(

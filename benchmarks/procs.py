@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from contextlib import ExitStack
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,3 +101,33 @@ def _child_env() -> dict[str, str]:
 def _describe(argv: Sequence[str]) -> str:
     text = " ".join(argv)
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def own_forkserver(stack: ExitStack, run_dir: Path, warm_up: Sequence[str] | None = None,
+                   unmount: Sequence[str] | None = None) -> Path:
+    """Give this run a layerfs fork server of its own (`layerfs mount` and `layerfs-overlay`
+    hand themselves to one), stopped when `stack` closes; its runtime dir.
+
+    `warm_up` (a mount command) and `unmount` start the server before anything is timed, so
+    that no timed mount pays for starting it; the server is up once its socket is there."""
+    from layerfs.cli import forkserver_client
+
+    runtime = run_dir / "runtime"
+    runtime.mkdir(mode=0o700)
+    os.environ["LAYERFS_RUNTIME_DIR"] = str(runtime)
+    stack.callback(forkserver_client.stop_servers, str(runtime))
+    if warm_up is not None and unmount is not None:
+        run(warm_up)
+        run(unmount)
+        wait_for_forkserver(runtime)
+    return runtime
+
+
+def wait_for_forkserver(runtime: Path, timeout: float = 30.0) -> None:
+    """A warm-up mount started the run's fork server: wait until it listens (its socket's
+    name depends on the children's environment, which `_child_env` changes: any will do)."""
+    deadline = time.monotonic() + timeout
+    while not any(runtime.glob("forkserver-*.sock")):
+        if time.monotonic() > deadline:
+            raise CommandError(f"{runtime}: no fork server after a warm-up mount")
+        time.sleep(0.01)
