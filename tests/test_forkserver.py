@@ -260,3 +260,16 @@ def daemons_with_command_line(argv: list[str]) -> list[int]:
                 comm == "layerfs-overlay"):
             found.append(int(name))
     return found
+
+
+def test_sigterm_ends_the_server_and_removes_its_socket(
+        store: ContainerStore, runtime: Path, tmp_path: Path) -> None:
+    assert mount(store, runtime, tmp_path / "m1").returncode == 0
+    pid = server_pid(runtime)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while is_server(pid):
+        assert time.monotonic() < deadline, "the server did not end on SIGTERM"
+        time.sleep(0.01)
+    assert list(runtime.glob("forkserver-*.sock")) == []
+    assert mount(store, runtime, tmp_path / "m2").returncode == 0  # and a new one starts

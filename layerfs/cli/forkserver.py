@@ -13,9 +13,10 @@ umask, working directory, and stdin, stdout and stderr.
 How: single-threaded, because it forks. A poll loop accepts requests and watches its
 children through pidfds; a child runs the command and exits, and the server sends the
 caller its exit status. The server ends after `IDLE_SECONDS` without a request, when its
-socket is removed or replaced, or on SIGTERM. When one of its source files has changed it
-declines the request that noticed with "retired", stops listening and lets go of its lock,
-so that the caller starts a server with the new code; it ends once its running children have.
+socket is removed or replaced, or on SIGTERM (once its running children have). When one of
+its source files has changed it declines the request that noticed with "retired", stops
+listening and lets go of its lock, so that the caller starts a server with the new code; it
+ends once its running children have.
 
 Run as `python -P -m layerfs.cli.forkserver SOCKET` (the client does that).
 """
@@ -40,7 +41,9 @@ from layerfs.cli import forkserver_client as client
 IDLE_SECONDS = 600.0
 _TICK_MS = 30_000
 _MAX_REQUEST = 1 << 20
-_REQUEST_TIMEOUT = 5.0
+_REQUEST_TIMEOUT = 1.0
+"""A client sends its request right after it connects; one that does not is not waited for
+longer (the server serves one connection at a time)."""
 _PRELOAD = ("layerfs.cli.main", "layerfs.cli.commands_containers", "layerfs.cli.overlay_main",
             "concurrent.futures", "traceback")
 """What `layerfs mount`, `layerfs-overlay` and the daemon import, so that a child imports
@@ -138,7 +141,7 @@ class Server:
                     self._reap(fd)
             if self.listener is not None and not self.children and (
                     time.monotonic() - last_request > IDLE_SECONDS or not self._socket_is_ours()):
-                self._retire()
+                self.retire()
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -165,7 +168,7 @@ class Server:
                 with contextlib.suppress(OSError):
                     conn.send(refusal.answer)
                 if refusal.answer.startswith(b"R"):
-                    self._retire()
+                    self.retire()
                 return
             pid = os.fork()
             if pid == 0:
@@ -232,7 +235,7 @@ class Server:
         except OSError:
             return False
 
-    def _retire(self) -> None:
+    def retire(self) -> None:
         """Stop listening and let a successor start; running children still get reported."""
         if self.listener is None:
             return
@@ -381,6 +384,18 @@ def main() -> None:
     os.write(lock_fd, f"{os.getpid()}\n".encode())
     gc.collect()
     gc.freeze()  # children share the imported objects' pages instead of copying them
+
+    own_pid = os.getpid()
+
+    def terminate(signum: int, frame: object) -> None:
+        if os.getpid() != own_pid:
+            os._exit(128 + signum)  # a child not yet past its own handler's reset
+        # stop listening at once; the callers of running children still get their status
+        server.retire()
+        if not server.children:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
     server.run()
 
 
