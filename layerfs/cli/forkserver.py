@@ -380,8 +380,6 @@ def main() -> None:
     for name in _PRELOAD:
         importlib.import_module(name)
     server = Server(path, lock_fd)
-    os.ftruncate(lock_fd, 0)  # the pid, once it listens
-    os.write(lock_fd, f"{os.getpid()}\n".encode())
     gc.collect()
     gc.freeze()  # children share the imported objects' pages instead of copying them
 
@@ -396,6 +394,8 @@ def main() -> None:
             raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, terminate)
+    os.ftruncate(lock_fd, 0)  # the pid, once it listens and ends cleanly
+    os.write(lock_fd, f"{os.getpid()}\n".encode())
     server.run()
 
 
