@@ -273,3 +273,28 @@ def test_sigterm_ends_the_server_and_removes_its_socket(
         time.sleep(0.01)
     assert list(runtime.glob("forkserver-*.sock")) == []
     assert mount(store, runtime, tmp_path / "m2").returncode == 0  # and a new one starts
+
+
+def test_concurrent_mounts_each_get_their_own_child_and_status(
+        store: ContainerStore, runtime: Path, tmp_path: Path) -> None:
+    assert mount(store, runtime, tmp_path / "m0").returncode == 0
+    server_pid(runtime)
+    env = {**os.environ, "LAYERFS_RUNTIME_DIR": str(runtime), "LAYERFS_DEBUG": "1"}
+    mountpoints = [tmp_path / f"m{index}" for index in range(1, 5)]
+    for mountpoint in mountpoints:
+        mountpoint.mkdir()
+        store.mounts.append(mountpoint)
+    # and one that fails, among them
+    argvs = [[str(LAYERFS), "--root", str(store.root), "mount", IMAGE, str(mountpoint)]
+             for mountpoint in [*mountpoints, tmp_path / "missing"]]
+    running = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env) for argv in argvs]
+    results = [(process.wait(timeout=60), *process.communicate()) for process in running]
+    for code, out, err in results[:-1]:
+        assert code == 0, err
+        assert RAN in err
+        assert len(out.strip()) == 64
+    code, _out, err = results[-1]
+    assert code == 1 and RAN in err and "mountpoint does not exist" in err
+    assert all(is_mounted(mountpoint) for mountpoint in mountpoints)
+    assert len({out for _, out, _ in results[:-1]}) == len(mountpoints)

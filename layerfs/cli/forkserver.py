@@ -220,11 +220,15 @@ class Server:
         conn.close()
 
     def _inherited(self, conn: socket.socket) -> list[int]:
-        """What a child must close: it must not keep the server's lock or sockets alive (the
-        mount daemon it starts lives on for as long as the mount)."""
-        fds = [conn.fileno(), *self.children]
+        """In a child: what it must close. It must not keep the server's lock, socket or other
+        callers' connections alive: the mount daemon it starts lives as long as the mount. The
+        socket objects give their descriptors up, so that none of them later closes a number
+        the command has reused."""
+        sockets = [conn, *(other for _, other in self.children.values())]
         if self.listener is not None:
-            fds.append(self.listener.fileno())
+            sockets.append(self.listener)
+        fds = [sock.detach() for sock in sockets]
+        fds += self.children  # their pidfds
         if self.lock_fd is not None:
             fds.append(self.lock_fd)
         return fds
