@@ -68,6 +68,9 @@ def _hand_over(program: str) -> None:
     except forkserver_client.Declined as exc:
         _trace(f"declined: {exc}; running the command here")
         return
+    except KeyboardInterrupt:  # before the child runs; after, SIGINT goes to the child
+        sys.stderr.write(f"{program}: interrupted\n")
+        sys.exit(130)
     if code is not None:
         _trace("ran the command")
         sys.exit(code)

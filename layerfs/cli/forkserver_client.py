@@ -12,11 +12,11 @@ This module is imported by every `layerfs` command before anything else, so it i
 what the interpreter has already loaded or what costs microseconds: `_socket` and `_signal`
 rather than `socket` and `signal`, whose enum classes alone take 5-8 ms to import here.
 
-Where: one socket per user and per installation (the interpreter and the package directory),
-in `LAYERFS_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/layerfs`, else `/run/layerfs` for root and
-`/tmp/layerfs-UID` for others. That directory must belong to the user and be closed to others:
-whoever can put a socket there would see our commands and our terminal. `LAYERFS_FORKSERVER=0`
-turns the whole thing off.
+Where: one socket per user and per installation (the interpreter, the package directory and
+the PYTHON* variables), in `LAYERFS_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/layerfs`, else
+`/run/layerfs` for root and `/tmp/layerfs-UID` for others. That directory must belong to the
+user and be closed to others: whoever can put a socket there would see our commands and our
+terminal. `LAYERFS_FORKSERVER=0` turns the whole thing off.
 """
 
 from __future__ import annotations
@@ -134,6 +134,9 @@ def call(program: str, argv: list[str]) -> int | None:
         if reply.startswith(b"R"):
             return None  # it retired for new code: as if none were up
         if not reply.startswith(b"Y"):
+            # Nothing at all: the server failed before it forked. (Had it died right after
+            # the fork, the command would run twice; a mount's second try then finds its
+            # mountpoint taken. The window is a few instructions wide.)
             raise Declined(reply[1:].decode(errors="replace") or "the fork server went away")
         child = _STATUS.unpack(reply[1:])[0]
         return _relay(sock, child)
