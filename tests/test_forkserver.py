@@ -8,6 +8,7 @@ that is what a user sees: the mount, the output, the exit status, the error line
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -298,3 +299,23 @@ def test_concurrent_mounts_each_get_their_own_child_and_status(
     assert code == 1 and RAN in err and "mountpoint does not exist" in err
     assert all(is_mounted(mountpoint) for mountpoint in mountpoints)
     assert len({out for _, out, _ in results[:-1]}) == len(mountpoints)
+
+
+def test_a_caller_with_fewer_capabilities_is_not_served(
+        store: ContainerStore, runtime: Path, tmp_path: Path) -> None:
+    """The server runs as root with root's capabilities: a root process that dropped some must
+    not get them back by asking the server."""
+    if shutil.which("capsh") is None:
+        pytest.skip("capsh (libcap2-bin) is not installed")
+    assert mount(store, runtime, tmp_path / "m1").returncode == 0
+    server_pid(runtime)
+    mountpoint = tmp_path / "m2"
+    mountpoint.mkdir()
+    store.mounts.append(mountpoint)
+    command = f'exec "{LAYERFS}" --root "{store.root}" mount {IMAGE} "{mountpoint}"'
+    result = subprocess.run(
+        ["capsh", "--drop=cap_sys_admin", "--", "-c", command],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "LAYERFS_RUNTIME_DIR": str(runtime), "LAYERFS_DEBUG": "1"})
+    assert "declined: the caller runs in another context" in result.stderr
+    assert RAN not in result.stderr
