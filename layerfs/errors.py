@@ -8,7 +8,8 @@
     │   └── NotFoundError        an image, layer or container that is not there
     ├── LayerError               a layer tarball that is malformed or hostile
     ├── DigestError              content whose digest is not the one promised
-    └── RegistryError            a registry refused, failed or could not be reached
+    ├── RegistryError            a registry refused, failed or could not be reached
+    └── DownloadError            a URL (`layerfs import URL`) that could not be fetched whole
 
 Messages read "what: why" and name the thing first. Only `cli` prints them. Filesystem
 operations do not use this tree: they raise `OSError` with the errno the kernel's overlayfs
@@ -53,4 +54,8 @@ class DigestError(LayerfsError):
 
 
 class RegistryError(LayerfsError):
+    pass
+
+
+class DownloadError(LayerfsError):
     pass

@@ -59,11 +59,14 @@ def import_(
     changes: tuple[str, ...],
     compression: str,
 ) -> None:
-    """Make a one-layer image from a root filesystem tarball (FILE, or - for stdin)."""
-    from layerfs.services.importing import import_tarball
+    """Make a one-layer image from a root filesystem tarball (FILE, URL, or - for stdin)."""
+    from layerfs.services.importing import import_tarball, import_url, is_url
 
     refs = parse_refs([repository] if repository else [])
-    if source == "-":
+    if is_url(source):
+        image = import_url(ctx.store, source, refs, message=message, changes=list(changes),
+                           compression=Compression(compression))
+    elif source == "-":
         stdin = cast("io.BufferedReader", sys.stdin.buffer)
         image = import_tarball(
             ctx.store,

@@ -73,6 +73,25 @@ def import_tarball(
     return store_image(store, config, [descriptor], refs)
 
 
+def is_url(source: str) -> bool:
+    """What `import` fetches instead of opening: http and https URLs, as docker takes them."""
+    return source.startswith(("http://", "https://"))
+
+
+def import_url(
+    store: Store, url: str, refs: list[Reference], *,
+    message: str | None = None, changes: list[str] | None = None,
+    compression: Compression = Compression.GZIP,
+) -> Image:
+    """`docker import URL`: the tarball streams from the server into the store; a download
+    that fails or is cut short leaves the store as it was (DownloadError)."""
+    from layerfs.registry.download import open_url  # httpx: only for a URL
+
+    with open_url(url) as body:
+        return import_tarball(store, body, url, refs, message=message, changes=changes,
+                              compression=compression)
+
+
 def scratch(store: Store) -> Image:
     """The empty image: no layers; mounting it gives an empty root."""
     config = build_config([], [], {}, "1970-01-01T00:00:00Z")
