@@ -4,9 +4,10 @@ find it: `forkserver_client`).
 
 Whom it serves: only its own user (SO_PEERCRED), and only a caller in the same context as
 itself, so that a command run here is the command the caller would have run: the same
-namespaces, root directory, cgroup, credentials and groups, capabilities, no_new_privs and
-seccomp mode, CPU and memory affinity, nice value, OOM score, resource limits and security
-label (all read from /proc for both). It declines anything else, and the caller runs the
+namespaces, root directory, cgroup, login session (loginuid, sessionid: what the audit log
+records), credentials and groups, capabilities, no_new_privs and seccomp mode, CPU and memory
+affinity, nice value, OOM score, resource limits and security label (all read from /proc for
+both). It declines anything else, and the caller runs the
 command itself. What may differ between callers comes with the request: argv, environment,
 umask, working directory, and stdin, stdout and stderr.
 
@@ -65,7 +66,7 @@ def context(pid: int | str) -> tuple[object, ...]:
     with open(f"{proc}/stat", "rb") as f:
         nice = f.read().rsplit(b")", 1)[1].split()[16]
     files = []
-    for name in ("cgroup", "limits", "oom_score_adj"):
+    for name in ("cgroup", "limits", "oom_score_adj", "loginuid", "sessionid"):
         with open(f"{proc}/{name}", "rb") as f:
             files.append(f.read())
     try:

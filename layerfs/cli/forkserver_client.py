@@ -61,11 +61,22 @@ def runtime_dir() -> str:
 
 def installation() -> str:
     """What a server must share with its clients: the interpreter, the package's directory, and
-    the PYTHON* variables, which decide what an import finds and how the interpreter runs."""
+    the PYTHON* variables, which decide what an import finds and how the interpreter runs; and
+    the login session and cgroup, so that each session (each SSH login, each systemd unit) gets
+    a server of its own, whose children the audit log and the unit's stop see as its own."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     python = sorted(f"{key}={value}" for key, value in os.environ.items()
                     if key.startswith("PYTHON"))
-    return "\0".join([os.path.realpath(sys.executable), package, *python])
+    session = [_proc_self(name) for name in ("loginuid", "sessionid", "cgroup")]
+    return "\0".join([os.path.realpath(sys.executable), package, *python, *session])
+
+
+def _proc_self(name: str) -> str:
+    try:
+        with open(f"/proc/self/{name}", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def socket_path(directory: str | None = None) -> str:
