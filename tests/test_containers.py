@@ -130,6 +130,20 @@ def test_the_containers_root_has_the_images_mode_whatever_the_umask(
     assert stat.S_IMODE(root.st_mode) == 0o755
 
 
+def test_a_scratch_container_root_is_0755_whatever_the_umask(tmp_path: Path) -> None:
+    store = ContainerStore(tmp_path / "fresh")  # scratch's empty lower not made yet
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    store.mounts.append(mountpoint)
+    try:
+        subprocess.run(["sh", "-c", 'umask 077; exec "$@"', "sh", str(LAYERFS), "--root",
+                        str(store.root), "mount", "scratch", str(mountpoint)], check=True,
+                       capture_output=True)
+        assert stat.S_IMODE(mountpoint.stat().st_mode) == 0o755
+    finally:
+        store.cleanup()
+
+
 def test_rm_refuses_a_mounted_container_and_rm_f_unmounts_it(
     store: ContainerStore, tmp_path: Path
 ) -> None:

@@ -139,7 +139,11 @@ class Store:
     def empty_dir(self) -> Path:
         """An empty directory: the only lower layer of an image without layers (scratch)."""
         path = self.layout.layers / "empty"
-        path.mkdir(exist_ok=True)
+        try:
+            path.mkdir()
+            path.chmod(0o755)  # the root of scratch containers: not the first caller's umask
+        except FileExistsError:
+            pass
         return path
 
     # -------------------------------------------------------------- images
