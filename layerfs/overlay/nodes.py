@@ -63,6 +63,9 @@ class Node:
     open_fds: list[int] = field(default_factory=list)
     cached_path: bytes | None = None
     path_moves: int = -1
+    lower_xattrs: dict[bytes, bytes] | None = None
+    """The lower object's xattrs, once read (lower layers never change); with the node, the
+    memory goes when the kernel forgets it."""
 
     def changed(self) -> None:
         """The directory's entries changed: forget its cached listing and children."""

@@ -30,6 +30,7 @@ def os_error(code: int, what: bytes | str = "") -> OSError:
 _NO_XATTRS: dict[bytes, bytes] = {}
 """Shared by every lower object without xattrs (most of them); never changed."""
 
+
 @dataclass(slots=True, frozen=True)
 class Attr:
     """What `stat` shows for a node: the real object's stat with the merged number."""
@@ -64,7 +65,6 @@ class MergedTree:
         root = Node(ino=ROOT_INO, is_dir=True)
         root.in_upper = self.upper is not None
         self.nodes = NodeTable(root)
-        self._lower_xattr_cache: dict[bytes, dict[bytes, bytes]] = {}
         self._init_root(root)
 
     def _init_root(self, root: Node) -> None:
@@ -297,17 +297,15 @@ class MergedTree:
     def _lower_xattrs(self, node: Node) -> dict[bytes, bytes] | None:
         """All xattrs of a lower object, read once: lower layers never change, and `ls -l`
         asks for security.selinux (absent) of every entry. None where they cannot be listed."""
-        real = self.real_path(node)
-        values = self._lower_xattr_cache.get(real)
-        if values is None:
+        if node.lower_xattrs is None:
+            real = self.real_path(node)
             try:
                 names = os.listxattr(real, follow_symlinks=False)
-                values = {os.fsencode(n): os.getxattr(real, n, follow_symlinks=False)
-                          for n in names} if names else _NO_XATTRS
+                node.lower_xattrs = {os.fsencode(n): os.getxattr(real, n, follow_symlinks=False)
+                                     for n in names} if names else _NO_XATTRS
             except OSError:
                 return None
-            self._lower_xattr_cache[real] = values
-        return values
+        return node.lower_xattrs
 
     def listdir(self, node: Node) -> list[bytes]:
         """The merged names of a directory, computed once until the directory changes."""
