@@ -1,5 +1,6 @@
-"""Shared pytest configuration: the `--long` option for the long differential run, and a
-fork server runtime dir of the run's own."""
+"""Shared pytest configuration: the `--long` option for the long differential run, a fork
+server runtime dir of the run's own, and an empty store driven through the `layerfs` command
+(the container tests have their own `store`, with an image in it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from layerfs.cli.forkserver_client import stop_servers
+from tests.imagetools import Store
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -45,3 +47,12 @@ def forkserver_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator
             os.environ["LAYERFS_RUNTIME_DIR"] = saved
         stop_servers(str(runtime))
 
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "store")
+    try:
+        yield s
+    finally:
+        s.cleanup()

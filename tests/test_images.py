@@ -39,7 +39,7 @@ from tests.imagetools import (
 from tests.treecmp import snapshot
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, chroot, umoci")
@@ -48,15 +48,6 @@ BUSYBOX_MUSL = it.IMAGES / "busybox-1.38.0-musl-amd64-oci"
 BUSYBOX_GLIBC = it.IMAGES / "busybox-1.38.0-glibc-amd64-oci"
 BUSYBOX_MUSL_ID = "sha256:654fc8fd836e35f4a64586bddf8f59b9029b48cf80f520834c6c98ca8ab5def9"
 BUSYBOX_MUSL_MANIFEST = "sha256:a34ce92094b7b100a98fbd21411a92825f6827b1bc5f6918c253516c90556998"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "store")
-    try:
-        yield s
-    finally:
-        s.cleanup()
 
 
 @pytest.fixture

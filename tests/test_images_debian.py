@@ -16,26 +16,17 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests import imagetools as it
-from tests.imagetools import Store
 from tests.treecmp import diff, snapshot
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
+
+    from tests.imagetools import Store
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, chroot, umoci"),
 ]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "store")
-    try:
-        yield s
-    finally:
-        s.cleanup()
 
 
 def test_debian_root_imports_loads_and_mounts_as_umoci_unpacks_it(

@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, ClassVar
 import pytest
 
 from tests import imagetools as it
-from tests.imagetools import Store
 from tests.test_images import store_untouched
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
+
+    from tests.imagetools import Store
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -62,15 +63,6 @@ def server(tmp_path: Path) -> Iterator[str]:
         httpd.shutdown()
         httpd.server_close()
         thread.join()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "store")
-    try:
-        yield s
-    finally:
-        s.cleanup()
 
 
 def test_import_from_a_url_gives_the_image_the_file_gives(
