@@ -25,7 +25,7 @@ from benchmarks.layers import FULL, QUICK
 from benchmarks.overlay import DEFAULT_CACHE, DEFAULT_OUT, Interrupted, SetupError
 from benchmarks.procs import CommandError
 from benchmarks.report import _seconds
-from benchmarks.systems import DEFAULT_LAYERFS, all_systems
+from benchmarks.systems import DEFAULT_LAYERFS, NO_FSYNC, all_systems
 from benchmarks.workloads import groups, keys_of
 
 if TYPE_CHECKING:
@@ -217,8 +217,17 @@ def _slower_than_peer(outcomes: list[Outcome]) -> list[str]:
               and ours >= theirs]
     if not slower:
         return []
-    return [f"Overlay rows where layerfs is not faster than fuse-overlayfs (the ratio of their "
-            f"medians): {'; '.join(slower)}.", ""]
+    lines = [f"Overlay rows where layerfs is not faster than fuse-overlayfs (the ratio of their "
+             f"medians): {'; '.join(slower)}."]
+    unsynced = [f"{outcome.labels[key]} ({ours / theirs:.2f}x)"
+                for outcome in outcomes if outcome.suite == "overlay"
+                for key in outcome.labels
+                if (ours := _median(outcome.summary, key, NO_FSYNC)) is not None
+                and (theirs := _median(outcome.summary, key, "fuse-overlayfs"))]
+    if unsynced:
+        lines += ["", f"The copy-up rows without the fsync of the copy (`{NO_FSYNC}`: what "
+                  f"fuse-overlayfs does), against fuse-overlayfs: {'; '.join(unsynced)}."]
+    return [*lines, ""]
 
 
 def _images_targets(summary: Summary, facts: dict[str, object]) -> list[list[str]]:

@@ -21,9 +21,10 @@ Summary = dict[str, dict[str, dict[str, float]]]
 # One colour per system across every chart, so that a reader learns them once.
 COLOURS = {
     "layerfs": "#d62728", "fuse-overlayfs": "#1f77b4", "kernel": "#2ca02c", "plain": "#7f7f7f",
-    "layerfs / peer": "#d62728",
+    "layerfs / peer": "#d62728", "layerfs-fsync=0": "#ff9896",
 }
-MARKERS = {"layerfs": "o", "fuse-overlayfs": "s", "kernel": "^", "plain": "D"}
+MARKERS = {"layerfs": "o", "layerfs-fsync=0": "v", "fuse-overlayfs": "s", "kernel": "^",
+           "plain": "D"}
 LABEL_WIDTH = 66  # characters of a row label kept on a bar chart's axis
 
 

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -182,6 +183,9 @@ def _measure(
         order = systems[run_index % len(systems):] + systems[: run_index % len(systems)]
         for group in selected:
             for system in order:
+                if system.only and not any(fnmatch(group.key, pattern)
+                                           for pattern in system.only):
+                    continue
                 _run_group_safely(system, group, layers, run_dir, run_index, results)
     return results
 
@@ -343,6 +347,30 @@ def _charts(
 
 
 def _notes(results: report.Results, layers: Layers) -> list[str]:
+    """Paragraphs on the checks: the sparse file's holes, the big file's folios."""
+    return [*_sparse_note(results, layers), *_folio_note(results)]
+
+
+def _folio_note(results: report.Results) -> list[str]:
+    """How each system cached the big file, as folio sizes: why a warm read costs what it does."""
+    checks = results.checks.get("read_big_warm")
+    if not checks:
+        return []
+    parts = []
+    for system in results.systems:
+        found = [entry.get("folios_first_64MiB") for entry in checks.get(system, [])]
+        histogram = next((value for value in reversed(found) if isinstance(value, dict)), None)
+        if histogram:
+            parts.append(f"{system} " + " + ".join(f"{count:,} x {size}"
+                                                   for size, count in histogram.items()))
+    if not parts:
+        return []
+    return ["Page-cache folios holding the first 64 MiB of the big file after its warm read "
+            "(last run; through the mount, from /proc/kpageflags): " + "; ".join(parts) + ". "
+            "A warm read costs the kernel a lookup and an LRU update per folio."]
+
+
+def _sparse_note(results: report.Results, layers: Layers) -> list[str]:
     """A paragraph on the sparse file: did each system's copy keep its holes?"""
     checks = results.checks.get("copy_up_sparse")
     if not checks:

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 
 from benchmarks import mounts
 from benchmarks.procs import REPO_ROOT, CommandError, run
+from benchmarks.systems import NO_FSYNC
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-RATIOS = (("layerfs", "kernel"), ("layerfs", "fuse-overlayfs"))
+RATIOS = (("layerfs", "kernel"), ("layerfs", "fuse-overlayfs"),
+          (NO_FSYNC, "fuse-overlayfs"))
 
 
 @dataclass(slots=True)

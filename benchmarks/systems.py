@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 MOUNT_DEADLINE = 60.0  # seconds for a mount command to return and its mount to appear
 
 DEFAULT_LAYERFS = Path("/work/main/.venv/bin/layerfs-overlay")
+NO_FSYNC = "layerfs-fsync=0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class Root:
 
 class System(Protocol):
     name: str
+    only: tuple[str, ...]  # shell patterns of the group keys it runs; empty: every group
 
     def missing(self) -> str | None:
         """Why this system cannot run here (with the fix), or None."""
@@ -60,6 +62,7 @@ class _Overlay:
     """What the three overlays share: fresh upper/work dirs, warming the lowers, mount options."""
 
     name: str
+    only: tuple[str, ...] = ()
     mount_line: str = field(default="", init=False)
 
     def warm(self, layers: Layers, paths: Sequence[str]) -> None:
@@ -117,6 +120,7 @@ class FuseOverlay(_Overlay):
 
     program: str = ""
     skip_hint: str = ""
+    extra_options: str = ""  # appended to the -o options
 
     def missing(self) -> str | None:
         if shutil.which("fusermount3") is None:
@@ -129,6 +133,8 @@ class FuseOverlay(_Overlay):
         self, stack: ExitStack, layers: Layers, scratch: Path, changes: Sequence[str] | None
     ) -> Root:
         mountpoint, options = self._prepare(layers, scratch)
+        if self.extra_options:
+            options = f"{options},{self.extra_options}"
         stack.callback(_unmount_fuse, mountpoint)
         start = time.perf_counter()
         run([self.program, "-o", options, str(mountpoint)], timeout=MOUNT_DEADLINE)
@@ -145,6 +151,7 @@ class FuseOverlay(_Overlay):
 @dataclass(slots=True)
 class PlainDir:
     name: str = "plain"
+    only: tuple[str, ...] = ()
 
     def missing(self) -> str | None:
         return None
@@ -170,13 +177,19 @@ class PlainDir:
 
 
 def all_systems(layerfs_program: Path) -> list[System]:
-    """In table order: ours first, then its peers, then the floor."""
+    """In table order: ours first, then its peers, then the floor.
+
+    `layerfs-fsync=0` is layerfs without the fsync of copied-up data, on the copy-up rows only:
+    fuse-overlayfs does not sync a copy before renaming it into place, the kernel and layerfs by
+    default do, so this is the like-for-like comparison with fuse-overlayfs, in the same run.
+    """
+    hint = "build it (pip install -e .), pass --layerfs PATH, or pass --skip {}"
     return [
-        FuseOverlay(
-            name="layerfs",
-            program=str(layerfs_program),
-            skip_hint="build it (pip install -e .), pass --layerfs PATH, or pass --skip layerfs",
-        ),
+        FuseOverlay(name="layerfs", program=str(layerfs_program),
+                    skip_hint=hint.format("layerfs")),
+        FuseOverlay(name=NO_FSYNC, program=str(layerfs_program),
+                    skip_hint=hint.format(NO_FSYNC), extra_options="fsync=0",
+                    only=("copy_up*",)),
         FuseOverlay(
             name="fuse-overlayfs",
             program="fuse-overlayfs",
