@@ -90,8 +90,6 @@ class OverlayOperations:
         self._copy_up_locks: dict[int, tuple[threading.Lock, list[int]]] = {}
         self._cookies: dict[int, _Cookies] = {}
         self._read_buffer = bytearray(MAX_WRITE)  # the loop's: its reply is written at once
-        # Attributes of objects that live in a lower layer only never change: packed once.
-        self._lower_entries: dict[tuple[int, int], bytes] = {}
 
     def handlers(self) -> dict[int, Callable[[Request], Reply]]:
         op = P.Op
@@ -178,10 +176,9 @@ class OverlayOperations:
     def _node_entry(self, node: Node) -> bytes:
         if node.in_upper:
             return self._entry(self._engine.getattr(node))
-        key = (node.ino, node.generation)
-        entry = self._lower_entries.get(key)
+        entry = node.lower_entry
         if entry is None:
-            entry = self._lower_entries[key] = self._entry(self._engine.getattr(node))
+            entry = node.lower_entry = self._entry(self._engine.getattr(node))
         return entry
 
     def _attr_reply(self, entry: bytes) -> bytes:

@@ -388,7 +388,7 @@ class Engine(MergedTree):
         node = self._attach(parent, name, Found(False, UPPER, real, st))
         node.lookups += 1
         node.opens += 1
-        node.open_fds.append(fd)
+        node.open_fds = (*node.open_fds, fd)
         return node, Handle(node, fd, UPPER, flags)
 
     def link(self, node: Node, new_parent: Node, new_name: bytes) -> Node:
@@ -613,7 +613,7 @@ class Engine(MergedTree):
         open_flags = flags & ~_NOT_PASSED | os.O_CLOEXEC
         fd = os.open(real, open_flags | os.O_NOFOLLOW)
         node.opens += 1
-        node.open_fds.append(fd)
+        node.open_fds = (*node.open_fds, fd)
         layer = UPPER if node.in_upper and not node.metacopy else 1
         return Handle(node, fd, layer, flags, node.data_gen)
 
@@ -633,7 +633,7 @@ class Engine(MergedTree):
             self._forget_fd(handle)
             handle.fd, handle.data_gen = fd, node.data_gen
             handle.layer = UPPER if node.in_upper and not node.metacopy else 1
-            node.open_fds.append(fd)
+            node.open_fds = (*node.open_fds, fd)
         return handle.fd
 
     def write(self, handle: Handle, off: int, data: bytes | memoryview) -> int:
@@ -648,8 +648,9 @@ class Engine(MergedTree):
     @staticmethod
     def _forget_fd(handle: Handle) -> None:
         os.close(handle.fd)
-        if handle.fd in handle.node.open_fds:
-            handle.node.open_fds.remove(handle.fd)
+        fds = handle.node.open_fds
+        if handle.fd in fds:
+            handle.node.open_fds = tuple(fd for fd in fds if fd != handle.fd)
 
     def release(self, handle: Handle) -> None:
         self._forget_fd(handle)

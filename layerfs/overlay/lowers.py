@@ -36,19 +36,19 @@ class LowerDir:
 
     real: bytes
     st: os.stat_result
-    entries: dict[bytes, os.DirEntry[bytes]]
+    entries: dict[bytes, os.stat_result]
+    """Every name but the whiteouts, with its `lstat`."""
     whiteouts: frozenset[bytes]
+    """The names this layer deletes: `.wh.NAME` files and character devices 0/0."""
     opaque: bool
     redirect: bytes | None
 
-    def classify(self, name: bytes) -> os.DirEntry[bytes] | Hidden | None:
-        """The entry for `name`, WHITEOUT if this layer deletes it, None if it says nothing."""
-        entry = self.entries.get(name)
-        if entry is None:
+    def classify(self, name: bytes) -> os.stat_result | Hidden | None:
+        """The `lstat` of `name`, WHITEOUT if this layer deletes it, None if it says nothing."""
+        st = self.entries.get(name)
+        if st is None:
             return WHITEOUT if name in self.whiteouts else None
-        if is_whiteout_stat(entry.stat(follow_symlinks=False)):
-            return WHITEOUT
-        return entry
+        return st
 
 
 class LowerLayers:
@@ -84,13 +84,13 @@ class LowerLayers:
             return None
         if not stat.S_ISDIR(st.st_mode):
             return None
-        entries: dict[bytes, os.DirEntry[bytes]] = {}
+        entries: dict[bytes, os.stat_result] = {}
         hidden: set[bytes] = set()
         opaque = False
         with os.scandir(real) as it:
             for entry in it:
                 name = entry.name
-                if whiteout.is_whiteout_name(name):
+                if name.startswith(whiteout.WHITEOUT_PREFIX):
                     if whiteout.is_opaque_marker(name):
                         opaque = True
                     else:
@@ -98,8 +98,11 @@ class LowerLayers:
                         if target is not None:
                             hidden.add(target)
                     continue
-                entry.stat(follow_symlinks=False)  # cached on the entry from now on
-                entries[name] = entry
+                entry_st = entry.stat(follow_symlinks=False)
+                if entry_st.st_rdev == 0 and stat.S_ISCHR(entry_st.st_mode):
+                    hidden.add(name)  # the overlay form of a whiteout
+                else:
+                    entries[name] = entry_st
         opaque = opaque or xattrs.is_opaque_dir(real)
         redirect = xattrs.redirect_of(real)
         return LowerDir(real, st, entries, frozenset(hidden), opaque, redirect)

@@ -51,7 +51,8 @@ class Node:
     name: bytes = b""
     lowers: tuple[tuple[int, bytes], ...] = ()
     listing: list[bytes] | None = None
-    child_inos: dict[bytes, int] = field(default_factory=dict)
+    child_inos: dict[bytes, int] | None = None
+    """Name → number of the children looked up since the directory last changed."""
     # everything else
     links: set[tuple[Node, bytes]] = field(default_factory=set)
     lower: tuple[int, bytes] | None = None
@@ -60,17 +61,21 @@ class Node:
     """In the upper with its metadata only: the data is still `lower`'s."""
     data_gen: int = 0
     """Goes up when the data moves to another real file: open readers follow it."""
-    open_fds: list[int] = field(default_factory=list)
+    open_fds: tuple[int, ...] = ()
+    """The real files open for it, oldest first (a tuple: most nodes never have one)."""
     cached_path: bytes | None = None
     path_moves: int = -1
     lower_xattrs: dict[bytes, bytes] | None = None
     """The lower object's xattrs, once read (lower layers never change); with the node, the
     memory goes when the kernel forgets it."""
+    lower_entry: bytes | None = None
+    """The FUSE entry of an object that lives in a lower layer only, packed once (its
+    attributes never change); dropped with the node, like `lower_xattrs`."""
 
     def changed(self) -> None:
         """The directory's entries changed: forget its cached listing and children."""
         self.listing = None
-        self.child_inos.clear()
+        self.child_inos = None
 
     def move(self, parent: Node, name: bytes) -> None:
         """A directory now lives at `name` in `parent`: every cached path may be stale."""

@@ -20,6 +20,9 @@ from layerfs import overlay_xattrs as xattrs
 from layerfs.overlay.lowers import WHITEOUT, Hidden, LowerLayers, is_whiteout_stat
 from layerfs.overlay.nodes import ROOT_INO, UPPER, Node, NodeTable, make_ino
 
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
+
 NAME_MAX = 255
 
 def os_error(code: int, what: bytes | str = "") -> OSError:
@@ -31,7 +34,7 @@ _NO_XATTRS: dict[bytes, bytes] = {}
 """Shared by every lower object without xattrs (most of them); never changed."""
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Attr:
     """What `stat` shows for a node: the real object's stat with the merged number."""
 
@@ -131,12 +134,13 @@ class MergedTree:
                     plan = self._redirect_plan(parent, UPPER, redirect)
         if plan is None:
             plan = [(layer, pdir, name) for layer, pdir in parent.lowers]
+        listing_of = self.lowers.listing
         lowers: list[tuple[int, bytes]] = []
         i = 0
         while i < len(plan):
             layer, pdir, nm = plan[i]
             i += 1
-            listing = self.lowers.listing(pdir)
+            listing = listing_of(pdir)
             if listing is None:
                 continue
             entry = listing.classify(nm)
@@ -144,17 +148,16 @@ class MergedTree:
                 continue
             if isinstance(entry, Hidden):
                 break
-            st = entry.stat(follow_symlinks=False)
             real = pdir + b"/" + nm
-            if not stat.S_ISDIR(st.st_mode):
+            if entry.st_mode & _S_IFMT != _S_IFDIR:
                 if top is None:
-                    return Found(False, layer, real, st)
+                    return Found(False, layer, real, entry)
                 break
             if top is None:
-                top = Found(True, layer, real, st)
+                top = Found(True, layer, real, entry)
             lowers.append((layer, real))
-            top.bottom_st = st
-            sub = self.lowers.listing(real)
+            top.bottom_st = entry
+            sub = listing_of(real)
             if sub is None or sub.opaque:
                 break
             if sub.redirect is not None:
@@ -170,12 +173,11 @@ class MergedTree:
             listing = self.lowers.listing(pdir)
             if listing is None:
                 continue
-            entry = listing.classify(name)
-            if entry is None:
+            st = listing.classify(name)
+            if st is None:
                 continue
-            if isinstance(entry, Hidden):
+            if isinstance(st, Hidden):
                 return None
-            st = entry.stat(follow_symlinks=False)
             return (layer, pdir + b"/" + name, st) if stat.S_ISREG(st.st_mode) else None
         return None
 
@@ -328,11 +330,7 @@ class MergedTree:
             if listing is None:
                 continue
             for name in listing.entries:
-                if name in seen or name in hidden:
-                    continue
-                if listing.classify(name) is WHITEOUT:
-                    hidden.add(name)
-                else:
+                if name not in seen and name not in hidden:
                     seen[name] = None
             hidden |= listing.whiteouts
         return sorted(seen)
@@ -342,16 +340,20 @@ class MergedTree:
 
         Remembered until the directory changes, so that a repeated readdir is dict lookups.
         """
-        ino = node.child_inos.get(name)
-        if ino is not None:
-            cached = self.nodes.get(ino)
-            if cached is not None and not cached.dead:
-                return cached
+        inos = node.child_inos
+        if inos is None:
+            inos = node.child_inos = {}
+        else:
+            ino = inos.get(name)
+            if ino is not None:
+                cached = self.nodes.get(ino)
+                if cached is not None and not cached.dead:
+                    return cached
         found = self._lookup(node, name)
         if found is None:
             return None
         child = self._attach(node, name, found)
-        node.child_inos[name] = child.ino
+        inos[name] = child.ino
         return child
 
     def is_empty(self, node: Node) -> bool:
@@ -366,10 +368,10 @@ class MergedTree:
             listing = self.lowers.listing(pdir)
             if listing is None:
                 continue
-            entry = listing.classify(name)
-            if entry is WHITEOUT:
+            found = listing.classify(name)
+            if found is WHITEOUT:
                 return False
-            if entry is not None:
+            if found is not None:
                 return True
         return False
 
