@@ -51,7 +51,8 @@ def is_private(real: bytes) -> bool:
     return real.startswith(TRUSTED_PREFIX) and not real.startswith(_ESCAPED_PREFIX)
 
 
-def _get(path: bytes, name: str) -> bytes | None:
+def get_xattr(path: bytes, name: str) -> bytes | None:
+    """The value of xattr `name` of `path` (not followed), None where it has none."""
     try:
         return os.getxattr(path, name, follow_symlinks=False)
     except OSError as exc:
@@ -62,16 +63,16 @@ def _get(path: bytes, name: str) -> bytes | None:
 
 def is_opaque_dir(path: bytes) -> bool:
     """The xattr form of opacity; the `.wh..wh..opq` form is seen in the listing."""
-    return _get(path, OPAQUE) == b"y"
+    return get_xattr(path, OPAQUE) == b"y"
 
 
 def redirect_of(path: bytes) -> bytes | None:
-    return _get(path, REDIRECT)
+    return get_xattr(path, REDIRECT)
 
 
 def is_metacopy(path: bytes) -> bool:
     """An upper file that holds metadata only: its data is the lower file's (kernel format)."""
-    return _get(path, METACOPY) is not None
+    return get_xattr(path, METACOPY) is not None
 
 
 def set_metacopy(path: bytes) -> None:
@@ -79,7 +80,7 @@ def set_metacopy(path: bytes) -> None:
 
 
 def origin_ino(path: bytes) -> int | None:
-    raw = _get(path, ORIGIN_INO)
+    raw = get_xattr(path, ORIGIN_INO)
     if raw is None or len(raw) != 8:
         return None
     return int.from_bytes(raw, "little")

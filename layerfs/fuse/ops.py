@@ -83,6 +83,7 @@ class OverlayOperations:
     def __init__(self, engine: Engine) -> None:
         self.lock = threading.Lock()
         self.requests_waiting: Callable[[], bool] = lambda: True  # the session's, once attached
+        self.kernel_flags = 0  # the session's, after INIT
         self._engine = engine
         self._loop_thread = threading.get_ident()
         self._files: dict[int, Handle] = {}
@@ -275,16 +276,16 @@ class OverlayOperations:
 
     # -------------------------------------------------------------- creating and removing
     def mknod(self, req: Request) -> Reply:
-        mode, rdev, _umask, _ = P.MKNOD_IN.unpack_from(req.body)
+        mode, rdev, umask, _ = P.MKNOD_IN.unpack_from(req.body)
         name = _name(req.body[P.MKNOD_IN.size:])
         node = self._engine.mknod(self._node(req.nodeid), name, mode, P.decode_dev(rdev),
-                                  req.uid, req.gid)
+                                  req.uid, req.gid, umask)
         return self._node_entry(node)
 
     def mkdir(self, req: Request) -> Reply:
-        mode, _umask = P.MKDIR_IN.unpack_from(req.body)
+        mode, umask = P.MKDIR_IN.unpack_from(req.body)
         name = _name(req.body[P.MKDIR_IN.size:])
-        node = self._engine.mkdir(self._node(req.nodeid), name, mode, req.uid, req.gid)
+        node = self._engine.mkdir(self._node(req.nodeid), name, mode, req.uid, req.gid, umask)
         return self._node_entry(node)
 
     def symlink(self, req: Request) -> Reply:
@@ -340,11 +341,17 @@ class OverlayOperations:
         return _sized(b"".join(name + b"\0" for name in names), size)
 
     def setxattr(self, req: Request) -> Reply:
-        size, flags = P.SETXATTR_IN.unpack_from(req.body)
-        rest = bytes(req.body[P.SETXATTR_IN.size:])
+        if self.kernel_flags & P.SETXATTR_EXT:
+            size, flags, setxattr_flags, _ = P.SETXATTR_EXT_IN.unpack_from(req.body)
+            rest = bytes(req.body[P.SETXATTR_EXT_IN.size:])
+        else:
+            size, flags = P.SETXATTR_IN.unpack_from(req.body)
+            setxattr_flags = 0
+            rest = bytes(req.body[P.SETXATTR_IN.size:])
         end = rest.index(b"\0")
         name, value = rest[:end], rest[end + 1:end + 1 + size]
-        self._engine.setxattr(self._node(req.nodeid), name, value, flags)
+        self._engine.setxattr(self._node(req.nodeid), name, value, flags,
+                              kill_sgid=bool(setxattr_flags & P.SETXATTR_ACL_KILL_SGID))
         return b""
 
     def removexattr(self, req: Request) -> Reply:
@@ -363,10 +370,10 @@ class OverlayOperations:
         return self._open_reply(handle)
 
     def create(self, req: Request) -> Reply:
-        flags, mode, _umask, open_flags = P.CREATE_IN.unpack_from(req.body)
+        flags, mode, umask, open_flags = P.CREATE_IN.unpack_from(req.body)
         name = _name(req.body[P.CREATE_IN.size:])
         node, handle = self._engine.create(self._node(req.nodeid), name, mode, flags,
-                                           req.uid, req.gid)
+                                           req.uid, req.gid, umask)
         if open_flags & P.OPEN_KILL_SUIDGID:  # O_TRUNC of an existing file
             self._engine.drop_setid(node)
         return [self._node_entry(node), self._open_reply(handle)]

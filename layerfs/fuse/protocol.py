@@ -62,14 +62,20 @@ class Op(IntEnum):
 ASYNC_READ = 1 << 0
 ATOMIC_O_TRUNC = 1 << 3
 BIG_WRITES = 1 << 5
+DONT_MASK = 1 << 6
+"""The umask comes beside the mode, not applied to it: a default ACL can overrule it."""
 DO_READDIRPLUS = 1 << 13
 PARALLEL_DIROPS = 1 << 18
+POSIX_ACL = 1 << 20
+"""The kernel enforces (and caches) POSIX ACLs; new objects' ACLs and mode are ours to set."""
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
 HANDLE_KILLPRIV_V2 = 1 << 28
 """We drop setuid/setgid on writes by unprivileged callers (they say so in a flag), and the
 kernel stops asking for security.capability before every write."""
+SETXATTR_EXT = 1 << 29
+"""SETXATTR carries flags of its own (SETXATTR_EXT_IN): ACL_KILL_SGID."""
 
 WRITE_KILL_SUIDGID = 1 << 2  # fuse_write_in.write_flags
 OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in.open_flags, fuse_create_in.open_flags
@@ -131,6 +137,8 @@ RENAME_IN = struct.Struct("<Q")  # newdir
 RENAME2_IN = struct.Struct("<QII")  # newdir, flags, padding
 LINK_IN = struct.Struct("<Q")  # oldnodeid
 SETXATTR_IN = struct.Struct("<II")  # size, flags (without FUSE_SETXATTR_EXT)
+SETXATTR_EXT_IN = struct.Struct("<IIII")  # size, flags, setxattr_flags, padding
+SETXATTR_ACL_KILL_SGID = 1 << 0  # fuse_setxattr_in.setxattr_flags
 GETXATTR_IN = struct.Struct("<II")  # size, padding
 GETXATTR_OUT = struct.Struct("<II")  # size, padding
 ACCESS_IN = struct.Struct("<II")  # mask, padding

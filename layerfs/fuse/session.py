@@ -49,8 +49,9 @@ SPIN_SECONDS = 50e-6
 WORKERS = 8
 """Threads for deferred requests: big copy-ups, and disk reads and fsyncs while others wait."""
 
-_WANTED_FLAGS = (P.ASYNC_READ | P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.DO_READDIRPLUS
-                 | P.PARALLEL_DIROPS | P.MAX_PAGES | P.CACHE_SYMLINKS | P.HANDLE_KILLPRIV_V2)
+_WANTED_FLAGS = (P.ASYNC_READ | P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.DONT_MASK
+                 | P.DO_READDIRPLUS | P.PARALLEL_DIROPS | P.POSIX_ACL | P.MAX_PAGES
+                 | P.CACHE_SYMLINKS | P.HANDLE_KILLPRIV_V2 | P.SETXATTR_EXT)
 
 _MUTATING = frozenset({
     P.Op.SETATTR, P.Op.SYMLINK, P.Op.MKNOD, P.Op.MKDIR, P.Op.UNLINK, P.Op.RMDIR, P.Op.RENAME,
@@ -83,6 +84,8 @@ class Defer(Exception):
 class Filesystem(Protocol):
     lock: threading.Lock
     requests_waiting: Callable[[], bool]
+    kernel_flags: int
+    """The INIT flags both sides agreed on; set before the first request after INIT."""
 
     def handlers(self) -> dict[int, Callable[[Request], Reply]]: ...
 
@@ -197,6 +200,7 @@ class Session:
             self._reply_error(unique, errno.EPROTO)
             raise OSError(errno.EPROTO, f"FUSE: kernel speaks protocol {major}.{minor}")
         flags &= _WANTED_FLAGS
+        self._fs.kernel_flags = flags
         reply = P.INIT_OUT.pack(
             P.KERNEL_MAJOR, min(minor, P.KERNEL_MINOR), max_readahead, flags,
             64, 48,  # max_background, congestion_threshold: readahead and async reads in flight

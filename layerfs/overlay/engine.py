@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from layerfs import overlay_xattrs as xattrs
-from layerfs.overlay import copyup, syscalls
+from layerfs.overlay import acl, copyup, syscalls
 from layerfs.overlay.lowers import is_whiteout_stat
 from layerfs.overlay.nodes import UPPER, Node
 from layerfs.overlay.tree import NAME_MAX, Attr, Found, MergedTree, os_error
@@ -121,11 +121,18 @@ class Engine(MergedTree):
             os.utime(real, ns=(atime_ns, mtime_ns), follow_symlinks=False)
         return self.getattr(node)
 
-    def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
+    def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0,
+                 *, kill_sgid: bool = False) -> None:
+        """Set an xattr; `kill_sgid`: the kernel says an access ACL set by someone outside the
+        file's group drops the setgid bit, which we must do (as root we keep it otherwise)."""
         self._require_upper()
         self.copy_up(node, meta_only=True)
-        os.setxattr(self._upper_path(node), xattrs.to_real(name), value, flags,
-                    follow_symlinks=False)
+        real = self._upper_path(node)
+        if kill_sgid:
+            st = os.lstat(real)
+            if st.st_mode & stat.S_ISGID and not stat.S_ISLNK(st.st_mode):
+                os.chmod(real, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
+        os.setxattr(real, xattrs.to_real(name), value, flags, follow_symlinks=False)
 
     def removexattr(self, node: Node, name: bytes) -> None:
         self._require_upper()
@@ -317,12 +324,32 @@ class Engine(MergedTree):
         else:
             os.rename(tmp, target)
 
+    def _new_acl(self, parent: Node, mode: int, umask: int, is_dir: bool) -> acl.NewObjectAcl:
+        """Mode and ACLs of a new object in `parent` (in the upper by now), as inherited."""
+        default = xattrs.get_xattr(self._upper_path(parent), acl.DEFAULT)
+        return acl.for_new_object(default, stat.S_IMODE(mode), umask, is_dir)
+
+    @staticmethod
+    def _set_acls(target: bytes | int, new: acl.NewObjectAcl) -> None:
+        """Give a new object (a path not to follow, or an open descriptor) its inherited ACLs.
+
+        After the chmod: setting an access ACL keeps the mode in step with it, and it was
+        masked by that very mode."""
+        for name, value in ((acl.ACCESS, new.access), (acl.DEFAULT, new.default)):
+            if value is None:
+                continue
+            if isinstance(target, int):
+                os.setxattr(target, name, value)
+            else:
+                os.setxattr(target, name, value, follow_symlinks=False)
+
     def _new_object(
         self, parent: Node, name: bytes, kind: int, mode: int, uid: int, gid: int,
-        *, rdev: int = 0, target: bytes = b"", over_whiteout: bool,
+        *, rdev: int = 0, target: bytes = b"", umask: int = 0, over_whiteout: bool,
     ) -> Node:
         is_dir = kind == stat.S_IFDIR
         uid, gid, extra = self._owner(parent, uid, gid, is_dir)
+        new = None if kind == stat.S_IFLNK else self._new_acl(parent, mode, umask, is_dir)
         tmp = copyup.work_name(self._work())
         if is_dir:
             os.mkdir(tmp, 0o700)
@@ -333,8 +360,9 @@ class Engine(MergedTree):
         else:
             os.mknod(tmp, kind | 0o600, rdev)
         os.chown(tmp, uid, gid, follow_symlinks=False)
-        if kind != stat.S_IFLNK:
-            os.chmod(tmp, stat.S_IMODE(mode) | extra)
+        if new is not None:
+            os.chmod(tmp, new.mode | extra)
+            self._set_acls(tmp, new)
         if is_dir and over_whiteout:
             xattrs.set_opaque(tmp)
         real = self.upper_child(parent, name)
@@ -345,17 +373,19 @@ class Engine(MergedTree):
         node.lookups += 1
         return node
 
-    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
-        return self._new_object(parent, name, stat.S_IFDIR, mode, uid, gid,
+    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int,
+              umask: int = 0) -> Node:
+        return self._new_object(parent, name, stat.S_IFDIR, mode, uid, gid, umask=umask,
                                 over_whiteout=self._prepare_create(parent, name))
 
-    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+              umask: int = 0) -> Node:
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
             raise os_error(errno.EINVAL, name)
         if kind == stat.S_IFCHR and rdev == 0:
             raise os_error(errno.EPERM, name)  # as the kernel: that is a whiteout
-        return self._new_object(parent, name, kind, mode, uid, gid, rdev=rdev,
+        return self._new_object(parent, name, kind, mode, uid, gid, rdev=rdev, umask=umask,
                                 over_whiteout=self._prepare_create(parent, name))
 
     def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
@@ -363,23 +393,26 @@ class Engine(MergedTree):
                                 over_whiteout=self._prepare_create(parent, name))
 
     def create(
-        self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int
+        self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,
+        umask: int = 0,
     ) -> tuple[Node, Handle]:
         """A new regular file, open. Where no whiteout is in the way it is made in place,
         as the kernel does, and the descriptor that made it is the handle."""
         over_whiteout = self._prepare_create(parent, name)
         if over_whiteout:
-            node = self._new_object(parent, name, stat.S_IFREG, mode, uid, gid,
+            node = self._new_object(parent, name, stat.S_IFREG, mode, uid, gid, umask=umask,
                                     over_whiteout=True)
             return node, self.open(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
         uid, gid, _extra = self._owner(parent, uid, gid, False)
+        new = self._new_acl(parent, mode, umask, False)
         real = self.upper_child(parent, name)
         keep = flags & ~(_ACCMODE | _NOT_PASSED | os.O_TRUNC)
         fd = os.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, 0o600)
         try:
             os.fchown(fd, uid, gid)
-            os.fchmod(fd, stat.S_IMODE(mode))
+            os.fchmod(fd, new.mode)
+            self._set_acls(fd, new)
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
