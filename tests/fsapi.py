@@ -163,7 +163,7 @@ class EngineFS:
             if not create:
                 raise
             parent, name = self.parent(path)
-            _node, h = self.engine.create(parent, name, 0o644, os.O_WRONLY, 0, 0)
+            _node, h, _attr = self.engine.create(parent, name, 0o644, os.O_WRONLY, 0, 0)
         try:
             self.engine.write(h, offset, data)
         finally:

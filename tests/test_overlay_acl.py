@@ -229,3 +229,19 @@ def test_an_acl_set_by_someone_outside_the_group_drops_setgid(tmp_path: Path) ->
 
     seen = same_on_both(tmp_path, scenario)
     assert seen["nobody sets"] == "ok" and seen["mode"] == "0o740"
+
+
+def test_a_changed_default_acl_applies_to_the_next_create(tmp_path: Path) -> None:
+    """Creates in a row read the directory's default ACL once; changing it must count."""
+    def scenario(root: Path) -> Record:
+        os.mkdir(root / "d", 0o755)
+        as_root(root, "open('d/before', 'w').close()", umask=0o022)
+        os.setxattr(root / "d", DEFAULT, INHERITED)
+        as_root(root, "open('d/with', 'w').close()", umask=0o022)
+        os.removexattr(root / "d", DEFAULT)
+        as_root(root, "open('d/after', 'w').close()", umask=0o022)
+        return {name: observe(root, f"d/{name}") for name in ("before", "with", "after")}
+
+    seen = same_on_both(tmp_path, scenario)
+    assert [seen[name]["mode"] for name in ("before", "with", "after")] == [
+        "0o644", "0o660", "0o644"]

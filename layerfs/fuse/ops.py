@@ -372,11 +372,12 @@ class OverlayOperations:
     def create(self, req: Request) -> Reply:
         flags, mode, umask, open_flags = P.CREATE_IN.unpack_from(req.body)
         name = _name(req.body[P.CREATE_IN.size:])
-        node, handle = self._engine.create(self._node(req.nodeid), name, mode, flags,
-                                           req.uid, req.gid, umask)
+        node, handle, attr = self._engine.create(self._node(req.nodeid), name, mode, flags,
+                                                 req.uid, req.gid, umask)
         if open_flags & P.OPEN_KILL_SUIDGID:  # O_TRUNC of an existing file
             self._engine.drop_setid(node)
-        return [self._node_entry(node), self._open_reply(handle)]
+            attr = self._engine.getattr(node)
+        return [self._entry(attr), self._open_reply(handle)]
 
     def read(self, req: Request) -> Reply:
         """From the page cache on the loop thread; what needs the disk, on a worker."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from layerfs import overlay_xattrs as xattrs
 from layerfs.overlay import acl, copyup, syscalls
 from layerfs.overlay.lowers import is_whiteout_stat
-from layerfs.overlay.nodes import UPPER, Node
+from layerfs.overlay.nodes import UPPER, Node, make_ino
 from layerfs.overlay.tree import NAME_MAX, Attr, Found, MergedTree, os_error
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class Engine(MergedTree):
         file's group drops the setgid bit, which we must do (as root we keep it otherwise)."""
         self._require_upper()
         self.copy_up(node, meta_only=True)
+        node.default_acl = None
         real = self._upper_path(node)
         if kill_sgid:
             st = os.lstat(real)
@@ -141,6 +142,7 @@ class Engine(MergedTree):
             # as the kernel: removing what is not there copies nothing up
             os.getxattr(self.real_path(node), real_name, follow_symlinks=False)
         self.copy_up(node, meta_only=True)
+        node.default_acl = None
         os.removexattr(self._upper_path(node), real_name, follow_symlinks=False)
 
     def _require_upper(self) -> None:
@@ -307,12 +309,13 @@ class Engine(MergedTree):
         parent.changed()
         return over_whiteout
 
-    def _owner(self, parent: Node, uid: int, gid: int, is_dir: bool) -> tuple[int, int, int]:
-        """Owner and extra mode bits of a new object: a setgid directory hands on its group."""
+    def _owner(self, parent: Node, uid: int, gid: int, is_dir: bool) -> tuple[int, int, int, int]:
+        """Owner and extra mode bits of a new object: a setgid directory hands on its group;
+        and the group the upper filesystem gives an object we make there (ours, or that)."""
         pst = os.lstat(self._upper_path(parent))
         if pst.st_mode & stat.S_ISGID:
-            return uid, pst.st_gid, stat.S_ISGID if is_dir else 0
-        return uid, gid, 0
+            return uid, pst.st_gid, stat.S_ISGID if is_dir else 0, pst.st_gid
+        return uid, gid, 0, os.getegid()
 
     def _place(self, tmp: bytes, target: bytes, over_whiteout: bool, is_dir: bool) -> None:
         """Move a staged new object to its name, replacing a whiteout atomically."""
@@ -326,8 +329,11 @@ class Engine(MergedTree):
 
     def _new_acl(self, parent: Node, mode: int, umask: int, is_dir: bool) -> acl.NewObjectAcl:
         """Mode and ACLs of a new object in `parent` (in the upper by now), as inherited."""
-        default = xattrs.get_xattr(self._upper_path(parent), acl.DEFAULT)
-        return acl.for_new_object(default, stat.S_IMODE(mode), umask, is_dir)
+        default = parent.default_acl
+        if default is None:  # read once: creates come in bursts, an ACL change resets it
+            default = parent.default_acl = (
+                xattrs.get_xattr(self._upper_path(parent), acl.DEFAULT) or b"")
+        return acl.for_new_object(default or None, stat.S_IMODE(mode), umask, is_dir)
 
     @staticmethod
     def _set_acls(target: bytes | int, new: acl.NewObjectAcl) -> None:
@@ -348,7 +354,7 @@ class Engine(MergedTree):
         *, rdev: int = 0, target: bytes = b"", umask: int = 0, over_whiteout: bool,
     ) -> Node:
         is_dir = kind == stat.S_IFDIR
-        uid, gid, extra = self._owner(parent, uid, gid, is_dir)
+        uid, gid, extra, _ = self._owner(parent, uid, gid, is_dir)
         new = None if kind == stat.S_IFLNK else self._new_acl(parent, mode, umask, is_dir)
         tmp = copyup.work_name(self._work())
         if is_dir:
@@ -395,34 +401,38 @@ class Engine(MergedTree):
     def create(
         self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,
         umask: int = 0,
-    ) -> tuple[Node, Handle]:
-        """A new regular file, open. Where no whiteout is in the way it is made in place,
-        as the kernel does, and the descriptor that made it is the handle."""
+    ) -> tuple[Node, Handle, Attr]:
+        """A new regular file, open, and its attributes. Where no whiteout is in the way it
+        is made in place, as the kernel does, and the descriptor that made it is the handle."""
         over_whiteout = self._prepare_create(parent, name)
         if over_whiteout:
             node = self._new_object(parent, name, stat.S_IFREG, mode, uid, gid, umask=umask,
                                     over_whiteout=True)
-            return node, self.open(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
-        uid, gid, _extra = self._owner(parent, uid, gid, False)
+            handle = self.open(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+            return node, handle, self.getattr(node)
+        uid, gid, _extra, made_gid = self._owner(parent, uid, gid, False)
         new = self._new_acl(parent, mode, umask, False)
         real = self.upper_child(parent, name)
         keep = flags & ~(_ACCMODE | _NOT_PASSED | os.O_TRUNC)
         fd = os.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, 0o600)
         try:
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, new.mode)
+            if uid != os.geteuid() or gid != made_gid:
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, new.mode)  # after the chown, which would clear setuid and setgid
             self._set_acls(fd, new)
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             os.unlink(real)
             raise
-        node = self._attach(parent, name, Found(False, UPPER, real, st))
+        # A new file has no origin to ask its number of.
+        node = self._attach(parent, name, Found(False, UPPER, real, st),
+                            ino=make_ino(UPPER, st.st_ino))
         node.lookups += 1
         node.opens += 1
         node.open_fds = (*node.open_fds, fd)
-        return node, Handle(node, fd, UPPER, flags)
+        return node, Handle(node, fd, UPPER, flags), self.getattr(node, st)
 
     def link(self, node: Node, new_parent: Node, new_name: bytes) -> Node:
         if node.is_dir:

@@ -53,6 +53,9 @@ class Node:
     listing: list[bytes] | None = None
     child_inos: dict[bytes, int] | None = None
     """Name → number of the children looked up since the directory last changed."""
+    default_acl: bytes | None = None
+    """The upper directory's default ACL as read for a create (b"" for none), until its
+    xattrs change; None when not read."""
     # everything else
     links: set[tuple[Node, bytes]] = field(default_factory=set)
     lower: tuple[int, bytes] | None = None

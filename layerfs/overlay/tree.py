@@ -209,9 +209,10 @@ class MergedTree:
                 return origin
         return make_ino(found.layer, found.st.st_ino)
 
-    def _attach(self, parent: Node, name: bytes, found: Found) -> Node:
-        """The node for a resolved name, its location brought up to date."""
-        node = self.nodes.claim(self._ino_of(found), found.is_dir)
+    def _attach(self, parent: Node, name: bytes, found: Found, ino: int | None = None) -> Node:
+        """The node for a resolved name, its location brought up to date; `ino` when the
+        caller knows the number (a new object, with no origin to look up)."""
+        node = self.nodes.claim(self._ino_of(found) if ino is None else ino, found.is_dir)
         if found.is_dir:
             if node.parent is not parent or node.name != name:
                 node.move(parent, name)
@@ -251,8 +252,11 @@ class MergedTree:
     def forget(self, ino: int, count: int) -> None:
         self.nodes.forget(ino, count)
 
-    def getattr(self, node: Node) -> Attr:
-        if node.in_upper and not node.is_dir and not node.links and node.open_fds:
+    def getattr(self, node: Node, st: os.stat_result | None = None) -> Attr:
+        """What `stat` shows; `st`, where given, is the real object's own stat, just taken."""
+        if st is not None:
+            pass
+        elif node.in_upper and not node.is_dir and not node.links and node.open_fds:
             st = os.fstat(node.open_fds[0])  # unlinked, still open
         elif node.in_upper:
             st = os.lstat(self._upper_path(node))
