@@ -72,6 +72,8 @@ class Engine(MergedTree):
         super().__init__(lowers, upper)
         self.work = os.path.abspath(work) if work is not None else None
         self.sync_copy_up = True
+        # Who the upper filesystem makes our new objects belong to (the daemon's ids).
+        self._euid, self._egid = os.geteuid(), os.getegid()
 
     def drop_setid(self, node: Node) -> None:
         """What a write or truncate by a caller without CAP_FSETID does to the file (the
@@ -315,7 +317,7 @@ class Engine(MergedTree):
         pst = os.lstat(self._upper_path(parent))
         if pst.st_mode & stat.S_ISGID:
             return uid, pst.st_gid, stat.S_ISGID if is_dir else 0, pst.st_gid
-        return uid, gid, 0, os.getegid()
+        return uid, gid, 0, self._egid
 
     def _place(self, tmp: bytes, target: bytes, over_whiteout: bool, is_dir: bool) -> None:
         """Move a staged new object to its name, replacing a whiteout atomically."""
@@ -417,7 +419,7 @@ class Engine(MergedTree):
         fd = os.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, 0o600)
         try:
-            if uid != os.geteuid() or gid != made_gid:
+            if uid != self._euid or gid != made_gid:
                 os.fchown(fd, uid, gid)
             os.fchmod(fd, new.mode)  # after the chown, which would clear setuid and setgid
             self._set_acls(fd, new)
