@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from layerfs import overlay_xattrs as xattrs
@@ -51,12 +52,21 @@ class LowerDir:
         return st
 
 
+LISTING_BUDGET = 250_000
+"""Lower entries whose listings are kept (each, with its lstat, takes about 0.8 KB): beyond that,
+the directories used least recently are dropped and listed again when next needed, so that a
+walk of a huge image does not keep the whole of it in the daemon's memory."""
+
+
 class LowerLayers:
     """The ordered lower layers (index 1 is the top one) and their cached listings."""
 
     def __init__(self, roots: list[bytes]) -> None:
         self.roots = roots
-        self._dirs: dict[bytes, LowerDir | None] = {}
+        self._dirs: OrderedDict[bytes, LowerDir | None] = OrderedDict()
+        self._budget = LISTING_BUDGET
+        self.cached_entries = 0
+        """What the kept listings hold: their entries, and one for each directory or non-dir."""
         self._groups: dict[int, dict[int, list[bytes]]] = {}
 
     def root(self, layer: int) -> bytes:
@@ -68,12 +78,20 @@ class LowerLayers:
 
     def listing(self, real: bytes) -> LowerDir | None:
         """The listing of a real lower directory; None where there is no directory."""
+        dirs = self._dirs
         try:
-            return self._dirs[real]
+            cached = dirs[real]
         except KeyError:
             pass
+        else:
+            dirs.move_to_end(real)
+            return cached
         result = self._list(real)
-        self._dirs[real] = result
+        dirs[real] = result
+        self.cached_entries += _weight(result)
+        while self.cached_entries > self._budget and len(dirs) > 1:
+            _, dropped = dirs.popitem(last=False)
+            self.cached_entries -= _weight(dropped)
         return result
 
     @staticmethod
@@ -128,3 +146,7 @@ class LowerLayers:
                 if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
                     groups.setdefault(st.st_ino, []).append(os.path.relpath(path, root))
         return groups
+
+
+def _weight(listing: LowerDir | None) -> int:
+    return 1 if listing is None else 1 + len(listing.entries)
