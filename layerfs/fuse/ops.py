@@ -171,8 +171,8 @@ class OverlayOperations:
                 del self._copy_up_locks[node.ino]
 
     def _entry(self, attr: Attr) -> bytes:
-        return P.ENTRY_OUT.pack(attr.ino, attr.generation, CACHE_TIMEOUT, CACHE_TIMEOUT, 0, 0,
-                                *P.attr_fields(attr.ino, attr.st, attr.nlink, attr.blocks))
+        return P.pack_entry(attr.ino, attr.generation, CACHE_TIMEOUT, attr.st, attr.nlink,
+                            attr.blocks)
 
     def _node_entry(self, node: Node) -> bytes:
         if node.in_upper:

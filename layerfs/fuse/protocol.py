@@ -165,15 +165,18 @@ def decode_dev(dev: int) -> int:
     return os.makedev((dev >> 8) & 0xFFF, (dev & 0xFF) | ((dev >> 12) & 0xFFF00))
 
 
-def attr_fields(
-    ino: int, st: os.stat_result, nlink: int, blocks: int
-) -> tuple[int, ...]:
-    """The fuse_attr fields for `st` shown with merged number `ino`."""
+def pack_entry(
+    ino: int, generation: int, timeout: int, st: os.stat_result, nlink: int, blocks: int
+) -> bytes:
+    """A fuse_entry_out for `st` shown with merged number `ino`, valid for `timeout` seconds.
+    (One pack of every field: this runs for every entry of a directory walk.)"""
     atime, mtime, ctime = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
     rdev = st.st_rdev
-    return (ino, st.st_size, blocks, atime // _NS, mtime // _NS, ctime // _NS, atime % _NS,
-            mtime % _NS, ctime % _NS, st.st_mode, nlink, st.st_uid, st.st_gid,
-            encode_dev(rdev) if rdev else 0, st.st_blksize, 0)
+    return ENTRY_OUT.pack(
+        ino, generation, timeout, timeout, 0, 0,
+        ino, st.st_size, blocks, atime // _NS, mtime // _NS, ctime // _NS, atime % _NS,
+        mtime % _NS, ctime % _NS, st.st_mode, nlink, st.st_uid, st.st_gid,
+        encode_dev(rdev) if rdev else 0, st.st_blksize, 0)
 
 
 def dirent_type(mode: int) -> int:

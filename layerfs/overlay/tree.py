@@ -15,10 +15,14 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from layerfs import overlay_xattrs as xattrs
 from layerfs.overlay.lowers import WHITEOUT, Hidden, LowerLayers, is_whiteout_stat
 from layerfs.overlay.nodes import ROOT_INO, UPPER, Node, NodeTable, make_ino
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 _S_IFMT = 0o170000
 _S_IFDIR = stat.S_IFDIR
@@ -111,7 +115,10 @@ class MergedTree:
     def _lookup(self, parent: Node, name: bytes) -> Found | None:
         """Resolve `name` in directory `parent`, top-down, as the kernel's ovl_lookup does."""
         top: Found | None = None
-        plan: list[tuple[int, bytes, bytes]] | None = None
+        # Where to look below: the parent's lower dirs and the name, unless a redirect says
+        # other dirs and another name.
+        plan: Sequence[tuple[int, bytes]] = parent.lowers
+        nm = name
         if parent.in_upper:
             real = self._upper_path(parent) + b"/" + name
             try:
@@ -131,14 +138,12 @@ class MergedTree:
                     return top
                 redirect = xattrs.redirect_of(real)
                 if redirect is not None:
-                    plan = self._redirect_plan(parent, UPPER, redirect)
-        if plan is None:
-            plan = [(layer, pdir, name) for layer, pdir in parent.lowers]
+                    plan, nm = self._redirect_plan(parent, UPPER, redirect)
         listing_of = self.lowers.listing
         lowers: list[tuple[int, bytes]] = []
         i = 0
         while i < len(plan):
-            layer, pdir, nm = plan[i]
+            layer, pdir = plan[i]
             i += 1
             listing = listing_of(pdir)
             if listing is None:
@@ -161,7 +166,7 @@ class MergedTree:
             if sub is None or sub.opaque:
                 break
             if sub.redirect is not None:
-                plan = self._redirect_plan(parent, layer, sub.redirect)
+                plan, nm = self._redirect_plan(parent, layer, sub.redirect)
                 i = 0
         if top is not None:
             top.lowers = tuple(lowers)
@@ -183,20 +188,19 @@ class MergedTree:
 
     def _redirect_plan(
         self, parent: Node, layer: int, redirect: bytes
-    ) -> list[tuple[int, bytes, bytes]]:
-        """Where lookup goes on below `layer` for a directory with a redirect xattr."""
+    ) -> tuple[list[tuple[int, bytes]], bytes]:
+        """Where lookup goes on below `layer` for a directory with a redirect xattr: the
+        directories to look in, and the name to look for there."""
         parts = [p for p in redirect.split(b"/") if p]
         if not parts or any(p in (b".", b"..") for p in parts):
-            return []  # a redirect that names nothing or climbs out: look no further
+            return [], b""  # a redirect that names nothing or climbs out: look no further
         if redirect.startswith(b"/"):
             head = b"".join(b"/" + p for p in parts[:-1])
-            return [
-                (k, self.lowers.root(k) + head, parts[-1])
-                for k in range(layer + 1, self.lowers.count + 1)
-            ]
+            return [(k, self.lowers.root(k) + head)
+                    for k in range(layer + 1, self.lowers.count + 1)], parts[-1]
         if len(parts) != 1:
-            return []
-        return [(k, pdir, parts[0]) for k, pdir in parent.lowers if k > layer]
+            return [], b""
+        return [(k, pdir) for k, pdir in parent.lowers if k > layer], parts[0]
 
     def _ino_of(self, found: Found) -> int:
         if found.is_dir:
