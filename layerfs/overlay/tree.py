@@ -258,19 +258,8 @@ class MergedTree:
 
     def getattr(self, node: Node, st: os.stat_result | None = None) -> Attr:
         """What `stat` shows; `st`, where given, is the real object's own stat, just taken."""
-        if st is not None:
-            pass
-        elif node.in_upper and not node.is_dir and not node.links and node.open_fds:
-            st = os.fstat(node.open_fds[0])  # unlinked, still open
-        elif node.in_upper:
-            st = os.lstat(self._upper_path(node))
-        elif node.is_dir:
-            listing = self.lowers.listing(node.lowers[0][1])
-            assert listing is not None
-            st = listing.st
-        else:
-            assert node.lower_st is not None
-            st = node.lower_st
+        if st is None:
+            st = self._real_stat(node)
         nlink = st.st_nlink
         if node.is_dir and (len(node.lowers) + node.in_upper) > 1:
             nlink = 1  # as the kernel: counting subdirectories of a merge is not worth it
@@ -278,6 +267,18 @@ class MergedTree:
         if node.metacopy and node.lower_st is not None:
             blocks = node.lower_st.st_blocks  # as the kernel: the data's blocks
         return Attr(node.ino, node.generation, st, nlink, blocks)
+
+    def _real_stat(self, node: Node) -> os.stat_result:
+        if node.in_upper and not node.is_dir and not node.links and node.open_fds:
+            return os.fstat(node.open_fds[0])  # unlinked, still open
+        if node.in_upper:
+            return os.lstat(self._upper_path(node))
+        if node.is_dir:
+            listing = self.lowers.listing(node.lowers[0][1])
+            assert listing is not None
+            return listing.st
+        assert node.lower_st is not None
+        return node.lower_st
 
     def readlink(self, node: Node) -> bytes:
         return os.readlink(self.real_path(node))
