@@ -163,7 +163,8 @@ def _start_forkserver(stack: ExitStack, systems: list[System], layers: Layers,
     """layerfs-overlay hands each mount to a fork server: start the run's own with an untimed
     read-only mount, so that the first timed mount does not pay for starting it."""
     program = next((system.program for system in systems
-                    if isinstance(system, FuseOverlay) and system.name == "layerfs"), None)
+                    if isinstance(system, FuseOverlay) and system.name.startswith("layerfs")),
+                   None)
     if program is None:
         own_forkserver(stack, run_dir)
         return
