@@ -1,6 +1,7 @@
-"""Shared pytest configuration: the `--long` option for the long differential run, a fork
-server runtime dir of the run's own, and an empty store driven through the `layerfs` command
-(the container tests have their own `store`, with an image in it)."""
+"""Shared pytest configuration: the `--long` option for the long differential run and the
+whole filesystem matrix, a fork server runtime dir of the run's own, the scratch filesystems
+of the matrix, and an empty store driven through the `layerfs` command (the container tests
+have their own `store`, with an image in it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from layerfs.cli.forkserver_client import stop_servers
+from tests.fsmatrix import ScratchFilesystems
 from tests.imagetools import Store
 
 if TYPE_CHECKING:
@@ -47,6 +49,21 @@ def forkserver_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator
             os.environ["LAYERFS_RUNTIME_DIR"] = saved
         stop_servers(str(runtime))
 
+
+@pytest.fixture(scope="session")
+def scratch_filesystems(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScratchFilesystems]:
+    """Loop-mounted ext4, xfs and btrfs and a tmpfs, each made on first use, gone at the end."""
+    scratch = ScratchFilesystems(tmp_path_factory.mktemp("filesystems"))
+    try:
+        yield scratch
+    finally:
+        scratch.close()
+
+
+def every_filesystem(config: pytest.Config, definition: pytest.Function) -> bool:
+    """Whether a test runs on every filesystem of the matrix: all do with --long, and the
+    representative ones (marked `every_fs`) always."""
+    return bool(config.getoption("--long") or definition.get_closest_marker("every_fs"))
 
 
 @pytest.fixture

@@ -174,14 +174,19 @@ class OverlayDirs:
         return f"lowerdir={lowers},upperdir={self.upper},workdir={self.work}"
 
 
-def fresh_copy(pristine: list[Path], dest: Path) -> OverlayDirs:
-    """Copy the pristine layers into `dest` (one `cp -a`, xattrs kept) with empty upper/work/mnt."""
+def fresh_copy(pristine: list[Path], dest: Path, upper_dest: Path | None = None) -> OverlayDirs:
+    """Copy the pristine layers into `dest` (one `cp -a`, xattrs kept) with empty upper/work/mnt
+    there, or in `upper_dest` (another filesystem, say)."""
     dest.mkdir()
     subprocess.run(["cp", "-a", *map(str, pristine), str(dest)], check=True)
     # cp -a quietly drops xattrs it cannot copy; the opaque marker is the one that matters.
     if os.getxattr(dest / "l1/opq", OPAQUE_XATTR) != b"y":
         raise RuntimeError(f"{dest}: cp -a did not keep {OPAQUE_XATTR}")
-    dirs = [_dir(dest / name) for name in ("upper", "work", "mnt")]
+    if upper_dest is None:
+        upper_dest = dest
+    else:
+        upper_dest.mkdir()
+    dirs = [_dir(upper_dest / name) for name in ("upper", "work", "mnt")]
     return OverlayDirs(tuple(dest / p.name for p in pristine), *dirs)
 
 
@@ -323,7 +328,7 @@ def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
     return box[0]
 
 
-# --- renameat2 ----------------------------------------------------------------------------
+# --- renameat2, fallocate -----------------------------------------------------------------
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -336,6 +341,18 @@ _libc.renameat2.argtypes = [
     ctypes.c_char_p,
     ctypes.c_uint,
 ]
+
+
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode, which os.posix_fallocate does not take; raises OSError."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def renameat2(src: str, dst: str, flags: int) -> None:

@@ -12,6 +12,7 @@ The kernel is the oracle, so everything here runs as root with overlayfs and /de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -25,11 +26,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests import fsmatrix
 from tests import overlay_harness as harness
 
 if TYPE_CHECKING:
-    import contextlib
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
+
+    from tests.fsmatrix import ScratchFilesystems
 
 OP_TIMEOUT_S = 20.0  # far above any single operation; only a hung daemon reaches it
 
@@ -126,6 +129,24 @@ class Truncate(Op):
     def run(self, root: str) -> object:
         os.truncate(_at(root, self.path), self.length)
         return None
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Fallocate(Op):
+    """Reserve, or punch a hole, through a descriptor open for writing; the size it shows."""
+
+    path: str
+    mode: int
+    offset: int
+    length: int
+
+    def run(self, root: str) -> object:
+        fd = _open(_at(root, self.path), os.O_WRONLY)
+        try:
+            harness.fallocate(fd, self.mode, self.offset, self.length)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -369,16 +390,28 @@ class Differential:
     pristine: list[Path]
     workspace: Path
     cmd: list[str]
+    upper_workspace: Path | None = None
+    """Where the upper dirs go, if not beside the lowers (another filesystem)."""
+    placement: fsmatrix.Placement = fsmatrix.BY_NAME["ext4"]
+    """How the lowers are shown to both overlays (plain dirs, or through a read-only mount)."""
 
     def run(self, ops: Sequence[Op]) -> list[Step]:
         """Apply `ops` to both mounts; AssertionError at the first difference, with the
         sequence so far and the daemon's log. Returns the steps for further checks."""
         example = Path(tempfile.mkdtemp(dir=self.workspace))
-        log = example / "fuse.log"
+        upper_example = example
+        if self.upper_workspace is not None:
+            upper_example = Path(tempfile.mkdtemp(dir=self.upper_workspace))
+        log = upper_example / "fuse.log"
         try:
-            kernel_dirs = harness.fresh_copy(self.pristine, example / "kernel")
-            fuse_dirs = harness.fresh_copy(self.pristine, example / "fuse")
+            kernel_dirs, fuse_dirs = (
+                harness.fresh_copy(self.pristine, example / side, upper_example / side
+                                   if upper_example != example else None)
+                for side in ("kernel", "fuse")
+            )
             with (
+                self._placed(kernel_dirs) as kernel_dirs,
+                self._placed(fuse_dirs) as fuse_dirs,
                 harness.kernel_overlay(kernel_dirs) as kernel_mnt,
                 self._system_under_test(fuse_dirs, log) as fuse_mnt,
             ):
@@ -388,7 +421,14 @@ class Differential:
                     log_text = harness.log_tail(log)
                     raise type(exc)(f"{exc}\n--- {self.cmd[0]} log:\n{log_text}") from None
         finally:
-            harness.remove_tree(example)  # after the mounts are gone (the `with` closed first)
+            # after the mounts are gone (the `with` closed first)
+            harness.remove_tree(example)
+            harness.remove_tree(upper_example)
+
+    @contextlib.contextmanager
+    def _placed(self, dirs: harness.OverlayDirs) -> Iterator[harness.OverlayDirs]:
+        with fsmatrix.placed_lowers(self.placement, list(dirs.lowers)) as lowers:
+            yield dataclasses.replace(dirs, lowers=tuple(lowers))
 
     def _system_under_test(
         self, dirs: harness.OverlayDirs, log: Path
@@ -496,6 +536,12 @@ operations: st.SearchStrategy[Op] = st.one_of(
     st.builds(Rmdir, dir_paths),
     st.builds(Rename, dir_paths, paths, st.sampled_from(("", "NOREPLACE", "EXCHANGE"))),
     st.builds(Truncate, paths, st.sampled_from((0, 3, 100, 70_000))),
+    st.builds(
+        Fallocate, paths,
+        st.sampled_from((0, harness.FALLOC_FL_KEEP_SIZE,
+                         harness.FALLOC_FL_PUNCH_HOLE | harness.FALLOC_FL_KEEP_SIZE)),
+        st.sampled_from((0, 2)), st.sampled_from((1, 8192)),
+    ),
     st.builds(Link, paths, paths),
     st.builds(Symlink, symlink_targets, paths),
     st.builds(Chmod, paths, modes),
@@ -543,6 +589,39 @@ def test_random_sequences(differential: Differential, ops: list[Op]) -> None:
 @given(ops=sequences)
 def test_random_sequences_long(differential: Differential, ops: list[Op]) -> None:
     run_and_count(differential, ops)
+
+
+@pytest.fixture(scope="module", params=fsmatrix.PLACEMENTS, ids=lambda p: p.name)
+def placed_differential(
+    request: pytest.FixtureRequest, differential: Differential,
+    scratch_filesystems: ScratchFilesystems,
+) -> Differential:
+    """The differential with both overlays' layers on one filesystem of the matrix."""
+    placement: fsmatrix.Placement = request.param
+    return dataclasses.replace(
+        differential,
+        workspace=scratch_filesystems.dir(placement.lower_fs, "examples"),
+        upper_workspace=scratch_filesystems.dir(placement.upper_fs, "uppers"),
+        placement=placement,
+    )
+
+
+@settings(max_examples=6, **_SETTINGS)  # type: ignore[arg-type]
+@given(ops=sequences)
+def test_random_sequences_on_every_filesystem(
+    placed_differential: Differential, ops: list[Op]
+) -> None:
+    run_and_count(placed_differential, ops)
+
+
+@pytest.mark.long
+@pytest.mark.slow
+@settings(max_examples=150, **_SETTINGS)  # type: ignore[arg-type]
+@given(ops=sequences)
+def test_random_sequences_on_every_filesystem_long(
+    placed_differential: Differential, ops: list[Op]
+) -> None:
+    run_and_count(placed_differential, ops)
 
 
 # --- hand-written scenarios ---------------------------------------------------------------
@@ -737,3 +816,23 @@ def test_rename_over_one_name_of_lower_hard_link(differential: Differential) -> 
     # The renamed-over name is gone, so its lower partner counts one link (index=on keeps count).
     l3_time = f"mtime={980_000_000 * 10**9}"
     assert steps[1].kernel == ("ok", ("file", "0o644", 0, 0, "size=29", "nlink=1", l3_time))
+
+
+def test_fallocate_of_lower_and_new_files(placed_differential: Differential) -> None:
+    """fallocate copies a lower file up and reserves or punches in the copy, on every
+    filesystem (tmpfs, xfs and btrfs each answer some modes their own way)."""
+    keep, punch = harness.FALLOC_FL_KEEP_SIZE, harness.FALLOC_FL_PUNCH_HOLE
+    steps = placed_differential.run(
+        [
+            Fallocate("a/f1", 0, 2, 8192),
+            Fallocate("merged/x3", punch | keep, 0, 2),
+            Read("merged/x3"),
+            Create("new", 0o644, "excl"),
+            Fallocate("new", keep, 0, 8192),
+            Stat("new"),
+            Fallocate("cdev", 0, 0, 1),
+            Fallocate("a", 0, 0, 1),
+        ]
+    )
+    assert steps[0].kernel == ("ok", 8194)
+    assert steps[2].kernel[0] == "ok"

@@ -1,4 +1,6 @@
-"""Overlay semantics, each scenario run twice: on the engine directly and on a real FUSE mount.
+"""Overlay semantics, each scenario run on the engine directly and on real FUSE mounts: in the
+run's tmp dir, and (the scenarios marked `every_fs`; all of them with --long) with the layers on
+each filesystem of `tests.fsmatrix`.
 
 The layers are built here in the kernel overlayfs on-disk format (and the rootless `.wh.`
 forms); where the upper dir must have a particular shape afterwards, the test looks at it and,
@@ -16,19 +18,26 @@ import pytest
 
 from layerfs.overlay import syscalls
 from layerfs.overlay.engine import Engine
+from tests import fsmatrix
+from tests.conftest import every_filesystem
 from tests.fsapi import EngineFS, Layers, MountFS, kernel_overlay, mounted_overlay
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+    from tests.fsmatrix import ScratchFilesystems
+
 FS = EngineFS | MountFS
 SPARSE_SIZE = 8 << 20
 DATA = bytes(range(256)) * 8192  # 2 MiB
 
 
-def build_layers(base: Path) -> Layers:
-    l1, l2, upper, work = (base / n for n in ("l1", "l2", "upper", "work"))
+def build_layers(base: Path, upper_base: Path | None = None) -> Layers:
+    """The scenarios' two lowers under `base`, and an empty upper and work dir under
+    `upper_base` (by default `base` too)."""
+    upper_base = base if upper_base is None else upper_base
+    l1, l2, upper, work = base / "l1", base / "l2", upper_base / "upper", upper_base / "work"
     for d in (l1, l2, upper, work):
         d.mkdir()
     # bottom layer
@@ -75,10 +84,31 @@ def build_layers(base: Path) -> Layers:
     return Layers([l1, l2], upper, work)
 
 
-@pytest.fixture(params=["engine", "mount"])
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[FS, Layers]]:
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each scenario on the engine and on a mount in the run's tmp dir; on a mount on each
+    filesystem of the matrix too where `every_filesystem` says so."""
+    if "env" not in metafunc.fixturenames:
+        return
+    tiers = ["engine", "mount"]
+    if every_filesystem(metafunc.config, metafunc.definition):
+        tiers += [f"mount-{p.name}" for p in fsmatrix.PLACEMENTS]
+    metafunc.parametrize("env", tiers, indirect=True)
+
+
+@pytest.fixture
+def env(
+    request: pytest.FixtureRequest, tmp_path: Path, scratch_filesystems: ScratchFilesystems
+) -> Iterator[tuple[FS, Layers]]:
+    tier: str = request.param
+    if tier.startswith("mount-"):
+        placement = fsmatrix.BY_NAME[tier.removeprefix("mount-")]
+        layers = build_layers(scratch_filesystems.dir(placement.lower_fs),
+                              scratch_filesystems.dir(placement.upper_fs))
+        with fsmatrix.placed_lowers(placement, layers.lowers) as lowers:
+            yield from _mounted(Layers(lowers, layers.upper, layers.work), tmp_path)
+        return
     layers = build_layers(tmp_path)
-    if request.param == "engine":
+    if tier == "engine":
         engine = Engine(
             [os.fsencode(p) for p in layers.lowers],
             os.fsencode(layers.upper),
@@ -86,6 +116,10 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[FS, La
         )
         yield EngineFS(engine), layers
         return
+    yield from _mounted(layers, tmp_path)
+
+
+def _mounted(layers: Layers, tmp_path: Path) -> Iterator[tuple[FS, Layers]]:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with mounted_overlay(layers, mnt, log=tmp_path / "daemon.log") as fs:
@@ -103,6 +137,7 @@ def errno_of(func: object, *args: object) -> int:
 
 
 # ---------------------------------------------------------------- lookup and listing
+@pytest.mark.every_fs
 def test_upper_layers_shadow_lower_and_dirs_merge(env: tuple[FS, Layers]) -> None:
     fs, _ = env
     assert fs.read("a") == b"lower1-a"
@@ -151,6 +186,7 @@ def test_reading_never_copies_up(env: tuple[FS, Layers]) -> None:
     assert list(layers.upper.iterdir()) == []
 
 
+@pytest.mark.every_fs
 def test_write_copies_up_keeping_metadata(env: tuple[FS, Layers]) -> None:
     fs, layers = env
     before = fs.stat("suid")
@@ -165,6 +201,7 @@ def test_write_copies_up_keeping_metadata(env: tuple[FS, Layers]) -> None:
     assert fs.read("xf") == b"Xattrs"
 
 
+@pytest.mark.every_fs
 def test_copy_up_keeps_mtime_and_holes(env: tuple[FS, Layers]) -> None:
     fs, layers = env
     fs.chmod("a", 0o600)
@@ -188,6 +225,7 @@ def test_truncate_and_chown_of_lower_files(env: tuple[FS, Layers]) -> None:
     assert fs.listdir("d") == ["f1", "f2", "sub"]
 
 
+@pytest.mark.every_fs
 def test_read_handle_sees_later_copy_up(env: tuple[FS, Layers]) -> None:
     fs, _ = env
     fd = fs.open_read("d/f1")
@@ -199,6 +237,7 @@ def test_read_handle_sees_later_copy_up(env: tuple[FS, Layers]) -> None:
 
 
 # ---------------------------------------------------------------- deleting
+@pytest.mark.every_fs
 def test_unlink_of_lower_file_leaves_whiteout(env: tuple[FS, Layers]) -> None:
     fs, layers = env
     fs.unlink("d/f1")
@@ -218,6 +257,7 @@ def test_unlink_of_upper_only_file_leaves_nothing(env: tuple[FS, Layers]) -> Non
     assert errno_of(fs.unlink, "new") == errno.ENOENT
 
 
+@pytest.mark.every_fs
 def test_rmdir_then_mkdir_gives_an_opaque_dir(env: tuple[FS, Layers]) -> None:
     fs, layers = env
     assert errno_of(fs.rmdir, "d") == errno.ENOTEMPTY
@@ -268,6 +308,7 @@ def test_rename_of_a_lower_directory_works_and_kernel_reads_it(
         assert "d" not in kfs.listdir()
 
 
+@pytest.mark.every_fs
 def test_rename_flags(env: tuple[FS, Layers]) -> None:
     fs, _ = env
     assert errno_of(fs.rename, "a", "xf", syscalls.RENAME_NOREPLACE) == errno.EEXIST
@@ -300,6 +341,7 @@ def test_rename_of_upper_dir_over_whiteout_is_opaque(env: tuple[FS, Layers]) -> 
 
 
 # ---------------------------------------------------------------- links
+@pytest.mark.every_fs
 def test_hard_links_stay_together_on_copy_up(env: tuple[FS, Layers]) -> None:
     fs, layers = env
     fs.write("hl1", b"HARD", 0, create=False)
@@ -336,6 +378,7 @@ def test_symlinks_fifos_and_devices_can_be_made(env: tuple[FS, Layers]) -> None:
 
 
 # ---------------------------------------------------------------- xattrs
+@pytest.mark.every_fs
 def test_xattrs_private_names_hidden_and_escaped(env: tuple[FS, Layers]) -> None:
     fs, layers = env
     assert "trusted.overlay.opaque" not in fs.listxattr("opq")
@@ -367,6 +410,7 @@ def test_inode_numbers_stable_across_copy_up(env: tuple[FS, Layers]) -> None:
 
 
 # ---------------------------------------------------------------- metadata-only copy-up
+@pytest.mark.every_fs
 def test_chmod_of_a_lower_file_copies_no_data(env: tuple[FS, Layers]) -> None:
     fs, layers = env
     fs.chmod("data", 0o600)

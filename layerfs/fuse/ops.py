@@ -104,9 +104,9 @@ class OverlayOperations:
             op.SETXATTR: self.setxattr, op.REMOVEXATTR: self.removexattr, op.OPEN: self.open,
             op.CREATE: self.create, op.READ: self.read, op.WRITE: self.write,
             op.FLUSH: self.flush, op.FSYNC: self.fsync, op.RELEASE: self.release,
-            op.LSEEK: self.lseek, op.OPENDIR: self.opendir, op.READDIR: self.readdir,
-            op.READDIRPLUS: self.readdirplus, op.RELEASEDIR: self.releasedir,
-            op.FSYNCDIR: self.fsyncdir, op.DESTROY: self.destroy,
+            op.LSEEK: self.lseek, op.FALLOCATE: self.fallocate, op.OPENDIR: self.opendir,
+            op.READDIR: self.readdir, op.READDIRPLUS: self.readdirplus,
+            op.RELEASEDIR: self.releasedir, op.FSYNCDIR: self.fsyncdir, op.DESTROY: self.destroy,
         }
 
     # -------------------------------------------------------------- helpers
@@ -382,13 +382,11 @@ class OverlayOperations:
     def read(self, req: Request) -> Reply:
         """From the page cache on the loop thread; what needs the disk, on a worker."""
         fh, off, size, *_ = P.READ_IN.unpack_from(req.body)
-        fd = self._engine.reading_fd(self._handle(fh))
+        handle = self._handle(fh)
+        fd = self._engine.reading_fd(handle)
         if threading.get_ident() == self._loop_thread and size <= len(self._read_buffer):
             view = memoryview(self._read_buffer)[:size]
-            try:
-                n = os.preadv(fd, [view], off, os.RWF_NOWAIT)
-            except BlockingIOError:
-                n = -1
+            n = self._read_cached(handle, fd, view, off)
             # A short read means end of file to the kernel: only the real end may be one.
             if n == size or (n >= 0 and off + n >= os.fstat(fd).st_size):
                 return [view[:n]]
@@ -403,6 +401,24 @@ class OverlayOperations:
                 return os.pread(fd, size, off)
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _read_cached(handle: Handle, fd: int, view: memoryview, off: int) -> int:
+        """What the page cache holds at `off`, without waiting for the disk; -1 for nothing.
+
+        A filesystem without RWF_NOWAIT reads (tmpfs, some FUSE and network ones) answers
+        EOPNOTSUPP: the handle then reads the normal way from here on."""
+        if not handle.nowait:
+            return -1
+        try:
+            return os.preadv(fd, [view], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return -1
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            handle.nowait = False
+            return -1
 
     def write(self, req: Request) -> Reply:
         fh, off, size, write_flags, *_ = P.WRITE_IN.unpack_from(req.body)
@@ -428,6 +444,12 @@ class OverlayOperations:
         handle = self._files.pop(fh, None)
         if handle is not None:
             self._engine.release(handle)
+        return b""
+
+    def fallocate(self, req: Request) -> Reply:
+        fh, off, length, mode, _ = P.FALLOCATE_IN.unpack_from(req.body)
+        with self.blocking():
+            self._engine.fallocate(self._handle(fh), mode, off, length)
         return b""
 
     def lseek(self, req: Request) -> Reply:

@@ -53,6 +53,7 @@ class Op(IntEnum):
     INTERRUPT = 36
     DESTROY = 38
     BATCH_FORGET = 42
+    FALLOCATE = 43
     READDIRPLUS = 44
     RENAME2 = 45
     LSEEK = 46
@@ -145,6 +146,7 @@ ACCESS_IN = struct.Struct("<II")  # mask, padding
 FORGET_IN = struct.Struct("<Q")  # nlookup
 BATCH_FORGET_IN = struct.Struct("<II")  # count, dummy
 FORGET_ONE = struct.Struct("<QQ")  # nodeid, nlookup
+FALLOCATE_IN = struct.Struct("<QQQII")  # fh, offset, length, mode, padding
 LSEEK_IN = struct.Struct("<QqII")  # fh, offset, whence, padding
 LSEEK_OUT = struct.Struct("<q")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")

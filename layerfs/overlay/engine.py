@@ -62,6 +62,8 @@ class Handle:
     layer: int
     flags: int
     data_gen: int = 0
+    nowait: bool = True
+    """Whether `fd` takes page-cache-only reads (preadv2 RWF_NOWAIT); tmpfs refuses them."""
 
 
 
@@ -592,9 +594,10 @@ class Engine(MergedTree):
             syscalls.renameat2(old_real, new_real, syscalls.RENAME_EXCHANGE)
             if not leave_whiteout:
                 os.unlink(old_real)
+        elif leave_whiteout:
+            syscalls.rename_leaving_whiteout(old_real, new_real)
         else:
-            flags = syscalls.RENAME_WHITEOUT if leave_whiteout else 0
-            syscalls.renameat2(old_real, new_real, flags)
+            syscalls.renameat2(old_real, new_real)
         if dnode is not None:
             if dnode.is_dir:
                 dnode.dead = True
@@ -676,13 +679,19 @@ class Engine(MergedTree):
             # copied up since it was opened: read what the merged tree shows now
             fd = os.open(self.data_path(node), os.O_RDONLY | os.O_CLOEXEC)
             self._forget_fd(handle)
-            handle.fd, handle.data_gen = fd, node.data_gen
+            handle.fd, handle.data_gen, handle.nowait = fd, node.data_gen, True
             handle.layer = UPPER if node.in_upper and not node.metacopy else 1
             node.open_fds = (*node.open_fds, fd)
         return handle.fd
 
     def write(self, handle: Handle, off: int, data: bytes | memoryview) -> int:
         return os.pwrite(handle.fd, data, off)
+
+    def fallocate(self, handle: Handle, mode: int, off: int, length: int) -> None:
+        """On the upper copy (the kernel opens for writing first, which copied it up)."""
+        if handle.layer != UPPER or not handle.flags & _ACCMODE:
+            raise os_error(errno.EBADF)
+        syscalls.fallocate(handle.fd, mode, off, length)
 
     def fsync(self, handle: Handle, datasync: bool) -> None:
         if datasync:

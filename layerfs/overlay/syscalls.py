@@ -1,4 +1,5 @@
-"""Linux syscalls that the os module lacks: renameat2, FICLONE, and a sparse-aware data copy.
+"""Linux syscalls that the os module lacks: renameat2, fallocate with a mode, FICLONE, and a
+sparse-aware data copy.
 
 Only this module talks to libc through ctypes. Every function raises OSError with the errno
 the kernel returned.
@@ -23,12 +24,34 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
+_fallocate = _libc.fallocate64
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
 
 
 def renameat2(old: bytes, new: bytes, flags: int = 0) -> None:
     if _renameat2(_AT_FDCWD, old, _AT_FDCWD, new, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), old, None, new)
+
+
+def rename_leaving_whiteout(old: bytes, new: bytes) -> None:
+    """Move `old` to `new` and leave a whiteout in its place, in one step where the
+    filesystem has RENAME_WHITEOUT (ext4, xfs, btrfs, tmpfs), else in two."""
+    try:
+        renameat2(old, new, RENAME_WHITEOUT)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        renameat2(old, new)
+        make_whiteout(old)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode (os.posix_fallocate has none): punch, zero, keep size."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def make_whiteout(path: bytes) -> None:
@@ -60,7 +83,11 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # only a hole is left
                 return
-            raise
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            # no hole map on this filesystem: all of the rest is data
+            _copy_range(src_fd, dst_fd, pos, size)
+            return
         end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
         _copy_range(src_fd, dst_fd, start, end)
         pos = end
