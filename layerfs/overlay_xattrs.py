@@ -15,7 +15,8 @@ layer, so that `st_ino` survives copy-up and remount. The kernel ignores names i
 from __future__ import annotations
 
 import errno
-import os
+
+from layerfs import realfs
 
 TRUSTED_PREFIX = b"trusted.overlay."
 
@@ -54,7 +55,7 @@ def is_private(real: bytes) -> bool:
 def get_xattr(path: bytes, name: str) -> bytes | None:
     """The value of xattr `name` of `path` (not followed), None where it has none."""
     try:
-        return os.getxattr(path, name, follow_symlinks=False)
+        return realfs.getxattr(path, name)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
             return None
@@ -76,7 +77,7 @@ def is_metacopy(path: bytes) -> bool:
 
 
 def set_metacopy(path: bytes) -> None:
-    os.setxattr(path, METACOPY, b"", follow_symlinks=False)
+    realfs.setxattr(path, METACOPY, b"")
 
 
 def origin_ino(path: bytes) -> int | None:
@@ -87,15 +88,15 @@ def origin_ino(path: bytes) -> int | None:
 
 
 def set_origin_ino(path: bytes, ino: int) -> None:
-    os.setxattr(path, ORIGIN_INO, ino.to_bytes(8, "little"), follow_symlinks=False)
+    realfs.setxattr(path, ORIGIN_INO, ino.to_bytes(8, "little"))
 
 
 def set_opaque(path: bytes) -> None:
-    os.setxattr(path, OPAQUE, b"y", follow_symlinks=False)
+    realfs.setxattr(path, OPAQUE, b"y")
 
 
 def set_redirect(path: bytes, target: bytes) -> None:
-    os.setxattr(path, REDIRECT, target, follow_symlinks=False)
+    realfs.setxattr(path, REDIRECT, target)
 
 
 def user_xattrs(path: bytes) -> list[tuple[str, bytes]]:
@@ -105,7 +106,7 @@ def user_xattrs(path: bytes) -> list[tuple[str, bytes]]:
     clears it; copy-up writes the list in this order.
     """
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = realfs.listxattr(path)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return []
@@ -116,7 +117,7 @@ def user_xattrs(path: bytes) -> list[tuple[str, bytes]]:
         if is_private(name.encode()):
             continue
         try:
-            value = os.getxattr(path, name, follow_symlinks=False)
+            value = realfs.getxattr(path, name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 continue

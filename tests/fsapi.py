@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from layerfs.overlay import syscalls
+from layerfs import syscalls
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

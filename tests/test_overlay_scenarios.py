@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from layerfs.overlay import syscalls
+from layerfs import syscalls
 from layerfs.overlay.engine import Engine
 from tests import fsmatrix
 from tests.conftest import every_filesystem

@@ -15,12 +15,12 @@ Does not know tar: `layerfs.tarlayer.write` turns the changes into a layer.
 
 from __future__ import annotations
 
-import os
 import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from layerfs import overlay_xattrs as xattrs
+from layerfs import realfs
 from layerfs.overlay.lowers import is_whiteout_stat
 from layerfs.overlay.tree import MergedTree
 
@@ -51,12 +51,12 @@ def walk_changes(lowers: list[bytes], upper: bytes) -> Iterator[Change]:
 
 def _walk_upper(engine: MergedTree, node: Node, prefix: bytes) -> Iterator[Change]:
     real_dir = engine.real_path(node)
-    with os.scandir(real_dir) as it:
+    with realfs.scandir(real_dir) as it:
         names = sorted(entry.name for entry in it)
     for name in names:
         path = prefix + name
         real = real_dir + b"/" + name
-        st = os.lstat(real)
+        st = realfs.lstat(real)
         if is_whiteout_stat(st):
             if engine.lower_has(node, name):
                 yield Change(path, DELETED, None)

@@ -15,7 +15,7 @@ import os
 import stat
 
 from layerfs import overlay_xattrs as xattrs
-from layerfs.overlay import syscalls
+from layerfs import realfs, syscalls
 
 _counter = itertools.count()
 
@@ -27,51 +27,51 @@ def work_name(work: bytes) -> bytes:
 
 def clean_work(work: bytes) -> None:
     """Remove what a killed daemon left staged in the work dir. Never touches the upper."""
-    with os.scandir(work) as it:
+    with realfs.scandir(work) as it:
         for entry in it:
             if entry.name.startswith(b"#"):
-                remove_tree(entry.path)
+                remove_tree(work + b"/" + entry.name)
 
 
 def remove_tree(path: bytes) -> None:
     """rm -rf of a staged object, without following symlinks."""
     try:
-        st = os.lstat(path)
+        st = realfs.lstat(path)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        with os.scandir(path) as it:
-            children = [entry.path for entry in it]
+        with realfs.scandir(path) as it:
+            children = [path + b"/" + entry.name for entry in it]
         for child in children:
             remove_tree(child)
-        os.rmdir(path)
+        realfs.rmdir(path)
     else:
-        os.unlink(path)
+        realfs.unlink(path)
 
 
 def _copy_meta(path: bytes, st: os.stat_result, src: bytes, *, is_link: bool) -> None:
-    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    realfs.chown(path, st.st_uid, st.st_gid)
     if not is_link:
         # after chown, which clears setuid and setgid
-        os.chmod(path, stat.S_IMODE(st.st_mode))
+        realfs.chmod(path, stat.S_IMODE(st.st_mode))
     for name, value in xattrs.user_xattrs(src):
         with contextlib.suppress(OSError) if is_link else contextlib.nullcontext():
-            os.setxattr(path, name, value, follow_symlinks=False)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            realfs.setxattr(path, name, value)
+    realfs.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def copy_metadata(path: bytes, st: os.stat_result, src: bytes) -> None:
     """Make `path`'s owner, mode, xattrs and times those of `src` (whose stat is `st`)."""
-    for name in os.listxattr(path, follow_symlinks=False):
+    for name in realfs.listxattr(path):
         if not xattrs.is_private(name.encode()):
-            os.removexattr(path, name, follow_symlinks=False)
+            realfs.removexattr(path, name)
     _copy_meta(path, st, src, is_link=False)
 
 
 def stage_dir(work: bytes, src: bytes, st: os.stat_result) -> bytes:
     """An empty copy of directory `src` (mode, owner, xattrs, times) in the work dir."""
     tmp = work_name(work)
-    os.mkdir(tmp, 0o700)
+    realfs.mkdir(tmp, 0o700)
     _copy_meta(tmp, st, src, is_link=False)
     return tmp
 
@@ -100,11 +100,11 @@ def _stage_object(
 ) -> None:
     mode = st.st_mode
     if stat.S_ISREG(mode):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = realfs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             size = st.st_size if data_len is None else min(st.st_size, data_len)
             if size:
-                src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                src_fd = realfs.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                 try:
                     syscalls.copy_data(src_fd, fd, size)
                 finally:
@@ -117,8 +117,8 @@ def _stage_object(
             os.close(fd)
         _copy_meta(tmp, st, src, is_link=False)
     elif stat.S_ISLNK(mode):
-        os.symlink(os.readlink(src), tmp)
+        realfs.symlink(realfs.readlink(src), tmp)
         _copy_meta(tmp, st, src, is_link=True)
     else:
-        os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+        realfs.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
         _copy_meta(tmp, st, src, is_link=False)

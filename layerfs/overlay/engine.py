@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from layerfs import overlay_xattrs as xattrs
-from layerfs.overlay import acl, copyup, syscalls
+from layerfs import realfs, syscalls
+from layerfs.overlay import acl, copyup
 from layerfs.overlay.lowers import is_whiteout_stat
 from layerfs.overlay.nodes import UPPER, Node, make_ino
 from layerfs.overlay.tree import NAME_MAX, Attr, Found, MergedTree, os_error
@@ -83,12 +84,12 @@ class Engine(MergedTree):
         if not node.in_upper or node.is_dir:
             return
         real = self._upper_path(node)
-        mode = os.lstat(real).st_mode
+        mode = realfs.lstat(real).st_mode
         kill = mode & stat.S_ISUID
         if mode & stat.S_ISGID and mode & stat.S_IXGRP:
             kill |= stat.S_ISGID
         if kill:
-            os.chmod(real, stat.S_IMODE(mode) & ~kill)
+            realfs.chmod(real, stat.S_IMODE(mode) & ~kill)
 
     def setattr(
         self,
@@ -108,21 +109,20 @@ class Engine(MergedTree):
         self.copy_up(node, data_len=size, meta_only=size is None)
         real = self._upper_path(node)
         if uid is not None or gid is not None:
-            os.chown(real, -1 if uid is None else uid, -1 if gid is None else gid,
-                     follow_symlinks=False)
+            realfs.chown(real, -1 if uid is None else uid, -1 if gid is None else gid)
         if mode is not None:
-            os.chmod(real, stat.S_IMODE(mode))
+            realfs.chmod(real, stat.S_IMODE(mode))
         if size is not None:
             if handle is not None and handle.layer == UPPER and handle.flags & _ACCMODE:
                 os.ftruncate(handle.fd, size)
             else:
-                os.truncate(real, size)
+                realfs.truncate(real, size)
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
-                st = os.lstat(real)
+                st = realfs.lstat(real)
                 atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-            os.utime(real, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+            realfs.utime(real, ns=(atime_ns, mtime_ns))
         return self.getattr(node)
 
     def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0,
@@ -134,20 +134,20 @@ class Engine(MergedTree):
         node.default_acl = None
         real = self._upper_path(node)
         if kill_sgid:
-            st = os.lstat(real)
+            st = realfs.lstat(real)
             if st.st_mode & stat.S_ISGID and not stat.S_ISLNK(st.st_mode):
-                os.chmod(real, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
-        os.setxattr(real, xattrs.to_real(name), value, flags, follow_symlinks=False)
+                realfs.chmod(real, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
+        realfs.setxattr(real, xattrs.to_real(name), value, flags)
 
     def removexattr(self, node: Node, name: bytes) -> None:
         self._require_upper()
         real_name = xattrs.to_real(name)
         if not node.in_upper:
             # as the kernel: removing what is not there copies nothing up
-            os.getxattr(self.real_path(node), real_name, follow_symlinks=False)
+            realfs.getxattr(self.real_path(node), real_name)
         self.copy_up(node, meta_only=True)
         node.default_acl = None
-        os.removexattr(self._upper_path(node), real_name, follow_symlinks=False)
+        realfs.removexattr(self._upper_path(node), real_name)
 
     def _require_upper(self) -> None:
         if self.upper is None:
@@ -221,10 +221,10 @@ class Engine(MergedTree):
         xattrs.set_origin_ino(tmp, node.ino)
         first = self.upper_child(names[0][0], names[0][1])
         with self._parent_times_kept(names[0][0]):
-            syscalls.renameat2(tmp, first, syscalls.RENAME_NOREPLACE)
+            realfs.renameat2(tmp, first, syscalls.RENAME_NOREPLACE)
         for parent, name in names[1:]:
             with self._parent_times_kept(parent):
-                os.link(first, self.upper_child(parent, name))
+                realfs.link(first, self.upper_child(parent, name))
             node.links.add((parent, name))
             parent.changed()
         node.in_upper = True
@@ -234,12 +234,12 @@ class Engine(MergedTree):
 
     def _replace_metacopy(self, node: Node, tmp: bytes) -> None:
         upper = self._upper_path(node)
-        st = os.lstat(upper)
+        st = realfs.lstat(upper)
         copyup.copy_metadata(tmp, st, upper)
         xattrs.set_origin_ino(tmp, node.ino)
         parent = next(iter(node.links))[0]
         with self._parent_times_kept(parent):
-            os.rename(tmp, upper)
+            realfs.rename(tmp, upper)
         node.metacopy = False
         node.data_gen += 1
 
@@ -247,9 +247,9 @@ class Engine(MergedTree):
     def _parent_times_kept(self, parent: Node) -> Iterator[None]:
         """Copy-up changes no merged timestamp: the parent's times are put back after it."""
         real = self._upper_path(parent)
-        st = os.lstat(real)
+        st = realfs.lstat(real)
         yield
-        os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        realfs.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def _visible_names(self, node: Node) -> list[tuple[Node, bytes]]:
         """The names under which the merged tree shows this lower file, for copy-up.
@@ -288,7 +288,7 @@ class Engine(MergedTree):
         assert listing is not None
         tmp = copyup.stage_dir(self._work(), src, listing.st)
         with self._parent_times_kept(node.parent):
-            syscalls.renameat2(tmp, self.upper_child(node.parent, node.name),
+            realfs.renameat2(tmp, self.upper_child(node.parent, node.name),
                                syscalls.RENAME_NOREPLACE)
         node.in_upper = True
 
@@ -300,7 +300,7 @@ class Engine(MergedTree):
         over_whiteout = False
         if parent.in_upper:
             try:
-                st = os.lstat(self.upper_child(parent, name))
+                st = realfs.lstat(self.upper_child(parent, name))
             except FileNotFoundError:
                 pass
             else:
@@ -316,7 +316,7 @@ class Engine(MergedTree):
     def _owner(self, parent: Node, uid: int, gid: int, is_dir: bool) -> tuple[int, int, int, int]:
         """Owner and extra mode bits of a new object: a setgid directory hands on its group;
         and the group the upper filesystem gives an object we make there (ours, or that)."""
-        pst = os.lstat(self._upper_path(parent))
+        pst = realfs.lstat(self._upper_path(parent))
         if pst.st_mode & stat.S_ISGID:
             return uid, pst.st_gid, stat.S_ISGID if is_dir else 0, pst.st_gid
         return uid, gid, 0, self._egid
@@ -324,12 +324,12 @@ class Engine(MergedTree):
     def _place(self, tmp: bytes, target: bytes, over_whiteout: bool, is_dir: bool) -> None:
         """Move a staged new object to its name, replacing a whiteout atomically."""
         if not over_whiteout:
-            syscalls.renameat2(tmp, target, syscalls.RENAME_NOREPLACE)
+            realfs.renameat2(tmp, target, syscalls.RENAME_NOREPLACE)
         elif is_dir:
-            syscalls.renameat2(tmp, target, syscalls.RENAME_EXCHANGE)
-            os.unlink(tmp)  # the whiteout, swapped into the work dir
+            realfs.renameat2(tmp, target, syscalls.RENAME_EXCHANGE)
+            realfs.unlink(tmp)  # the whiteout, swapped into the work dir
         else:
-            os.rename(tmp, target)
+            realfs.rename(tmp, target)
 
     def _new_acl(self, parent: Node, mode: int, umask: int, is_dir: bool) -> acl.NewObjectAcl:
         """Mode and ACLs of a new object in `parent` (in the upper by now), as inherited."""
@@ -351,7 +351,7 @@ class Engine(MergedTree):
             if isinstance(target, int):
                 os.setxattr(target, name, value)
             else:
-                os.setxattr(target, name, value, follow_symlinks=False)
+                realfs.setxattr(target, name, value)
 
     def _new_object(
         self, parent: Node, name: bytes, kind: int, mode: int, uid: int, gid: int,
@@ -362,16 +362,16 @@ class Engine(MergedTree):
         new = None if kind == stat.S_IFLNK else self._new_acl(parent, mode, umask, is_dir)
         tmp = copyup.work_name(self._work())
         if is_dir:
-            os.mkdir(tmp, 0o700)
+            realfs.mkdir(tmp, 0o700)
         elif kind == stat.S_IFLNK:
-            os.symlink(target, tmp)
+            realfs.symlink(target, tmp)
         elif kind == stat.S_IFREG:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            os.close(realfs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         else:
-            os.mknod(tmp, kind | 0o600, rdev)
-        os.chown(tmp, uid, gid, follow_symlinks=False)
+            realfs.mknod(tmp, kind | 0o600, rdev)
+        realfs.chown(tmp, uid, gid)
         if new is not None:
-            os.chmod(tmp, new.mode | extra)
+            realfs.chmod(tmp, new.mode | extra)
             self._set_acls(tmp, new)
         if is_dir and over_whiteout:
             xattrs.set_opaque(tmp)
@@ -418,7 +418,7 @@ class Engine(MergedTree):
         new = self._new_acl(parent, mode, umask, False)
         real = self.upper_child(parent, name)
         keep = flags & ~(_ACCMODE | _NOT_PASSED | os.O_TRUNC)
-        fd = os.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = realfs.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, 0o600)
         try:
             if uid != self._euid or gid != made_gid:
@@ -428,7 +428,7 @@ class Engine(MergedTree):
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
-            os.unlink(real)
+            realfs.unlink(real)
             raise
         # A new file has no origin to ask its number of.
         node = self._attach(parent, name, Found(False, UPPER, real, st),
@@ -447,10 +447,10 @@ class Engine(MergedTree):
         source = self._upper_path(node)
         if over_whiteout:
             tmp = copyup.work_name(self._work())
-            os.link(source, tmp)
-            os.rename(tmp, target)
+            realfs.link(source, tmp)
+            realfs.rename(tmp, target)
         else:
-            os.link(source, target)
+            realfs.link(source, target)
         node.links.add((new_parent, new_name))
         node.lookups += 1
         return node
@@ -504,28 +504,29 @@ class Engine(MergedTree):
         parent.changed()
         real = self.upper_child(parent, name)
         if found.layer != UPPER:
-            syscalls.make_whiteout(real)
+            realfs.make_whiteout(real)
             return
         if needs_whiteout:
             tmp = copyup.work_name(self._work())
-            syscalls.make_whiteout(tmp)
+            realfs.make_whiteout(tmp)
             if found.is_dir:
-                syscalls.renameat2(tmp, real, syscalls.RENAME_EXCHANGE)
+                realfs.renameat2(tmp, real, syscalls.RENAME_EXCHANGE)
                 copyup.remove_tree(tmp)  # the old dir: empty but for whiteouts
             else:
-                os.rename(tmp, real)
+                realfs.rename(tmp, real)
         elif found.is_dir:
             self._clear_whiteouts(real)
-            os.rmdir(real)
+            realfs.rmdir(real)
         else:
-            os.unlink(real)
+            realfs.unlink(real)
 
     @staticmethod
     def _clear_whiteouts(real: bytes) -> None:
         """Empty an upper directory whose merged view is empty: only whiteouts are left."""
-        with os.scandir(real) as it:
-            for entry in it:
-                os.unlink(entry.path)
+        with realfs.scandir(real) as it:
+            names = [entry.name for entry in it]
+        for name in names:
+            realfs.unlink(real + b"/" + name)
 
     def rename(
         self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
@@ -591,13 +592,13 @@ class Engine(MergedTree):
             self._clear_whiteouts(new_real)
         if dst is None and snode.is_dir and self._is_upper_whiteout(new_real):
             # a directory cannot replace the whiteout by rename: swap them instead
-            syscalls.renameat2(old_real, new_real, syscalls.RENAME_EXCHANGE)
+            realfs.renameat2(old_real, new_real, syscalls.RENAME_EXCHANGE)
             if not leave_whiteout:
-                os.unlink(old_real)
+                realfs.unlink(old_real)
         elif leave_whiteout:
-            syscalls.rename_leaving_whiteout(old_real, new_real)
+            realfs.rename_leaving_whiteout(old_real, new_real)
         else:
-            syscalls.renameat2(old_real, new_real)
+            realfs.renameat2(old_real, new_real)
         if dnode is not None:
             if dnode.is_dir:
                 dnode.dead = True
@@ -623,7 +624,7 @@ class Engine(MergedTree):
             self._mark_moved_dir(snode, old_real, new_parent, new_name)
         if dnode.is_dir:
             self._mark_moved_dir(dnode, new_real, old_parent, old_name)
-        syscalls.renameat2(old_real, new_real, syscalls.RENAME_EXCHANGE)
+        realfs.renameat2(old_real, new_real, syscalls.RENAME_EXCHANGE)
         self._move_node(snode, old_parent, old_name, new_parent, new_name)
         self._move_node(dnode, new_parent, new_name, old_parent, old_name)
 
@@ -659,7 +660,7 @@ class Engine(MergedTree):
             self.copy_up(node, data_len=0 if flags & os.O_TRUNC else None)
         real = self.data_path(node)
         open_flags = flags & ~_NOT_PASSED | os.O_CLOEXEC
-        fd = os.open(real, open_flags | os.O_NOFOLLOW)
+        fd = realfs.open(real, open_flags | os.O_NOFOLLOW)
         node.opens += 1
         node.open_fds = (*node.open_fds, fd)
         layer = UPPER if node.in_upper and not node.metacopy else 1
@@ -677,7 +678,7 @@ class Engine(MergedTree):
         node = handle.node
         if handle.data_gen != node.data_gen:
             # copied up since it was opened: read what the merged tree shows now
-            fd = os.open(self.data_path(node), os.O_RDONLY | os.O_CLOEXEC)
+            fd = realfs.open(self.data_path(node), os.O_RDONLY | os.O_CLOEXEC)
             self._forget_fd(handle)
             handle.fd, handle.data_gen, handle.nowait = fd, node.data_gen, True
             handle.layer = UPPER if node.in_upper and not node.metacopy else 1

@@ -11,13 +11,17 @@ Single-threaded: the engine calls it under its own lock.
 
 from __future__ import annotations
 
-import os
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from layerfs import overlay_xattrs as xattrs
+from layerfs import realfs
 from layerfs.oci import whiteout
+
+if TYPE_CHECKING:
+    import os
 
 
 def is_whiteout_stat(st: os.stat_result) -> bool:
@@ -97,7 +101,7 @@ class LowerLayers:
     @staticmethod
     def _list(real: bytes) -> LowerDir | None:
         try:
-            st = os.lstat(real)
+            st = realfs.lstat(real)
         except (FileNotFoundError, NotADirectoryError):
             return None
         if not stat.S_ISDIR(st.st_mode):
@@ -105,7 +109,7 @@ class LowerLayers:
         entries: dict[bytes, os.stat_result] = {}
         hidden: set[bytes] = set()
         opaque = False
-        with os.scandir(real) as it:
+        with realfs.scandir(real) as it:
             for entry in it:
                 name = entry.name
                 if name.startswith(whiteout.WHITEOUT_PREFIX):
@@ -139,12 +143,17 @@ class LowerLayers:
     @staticmethod
     def _index_hardlinks(root: bytes) -> dict[int, list[bytes]]:
         groups: dict[int, list[bytes]] = {}
-        for dirpath, _dirs, files in os.walk(root):
-            for name in files:
-                path = os.path.join(dirpath, name)
-                st = os.lstat(path)
-                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
-                    groups.setdefault(st.st_ino, []).append(os.path.relpath(path, root))
+        pending = [b""]
+        while pending:
+            rel = pending.pop()
+            with realfs.scandir(root + rel) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(rel + b"/" + entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        if st.st_nlink > 1:
+                            groups.setdefault(st.st_ino, []).append((rel + b"/" + entry.name)[1:])
         return groups
 
 

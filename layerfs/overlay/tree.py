@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from layerfs import overlay_xattrs as xattrs
+from layerfs import realfs
 from layerfs.overlay.lowers import WHITEOUT, Hidden, LowerLayers, is_whiteout_stat
 from layerfs.overlay.nodes import ROOT_INO, UPPER, Node, NodeTable, make_ino
 
@@ -122,7 +123,7 @@ class MergedTree:
         if parent.in_upper:
             real = self._upper_path(parent) + b"/" + name
             try:
-                st = os.lstat(real)
+                st = realfs.lstat(real)
             except FileNotFoundError:
                 st = None
             if st is not None:
@@ -272,7 +273,7 @@ class MergedTree:
         if node.in_upper and not node.is_dir and not node.links and node.open_fds:
             return os.fstat(node.open_fds[0])  # unlinked, still open
         if node.in_upper:
-            return os.lstat(self._upper_path(node))
+            return realfs.lstat(self._upper_path(node))
         if node.is_dir:
             listing = self.lowers.listing(node.lowers[0][1])
             assert listing is not None
@@ -281,15 +282,15 @@ class MergedTree:
         return node.lower_st
 
     def readlink(self, node: Node) -> bytes:
-        return os.readlink(self.real_path(node))
+        return realfs.readlink(self.real_path(node))
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         real_name = xattrs.to_real(name)
         if node.in_upper:
-            return os.getxattr(self.real_path(node), real_name, follow_symlinks=False)
+            return realfs.getxattr(self.real_path(node), real_name)
         values = self._lower_xattrs(node)
         if values is None:
-            return os.getxattr(self.real_path(node), real_name, follow_symlinks=False)
+            return realfs.getxattr(self.real_path(node), real_name)
         try:
             return values[real_name]
         except KeyError:
@@ -299,7 +300,7 @@ class MergedTree:
         values = None if node.in_upper else self._lower_xattrs(node)
         if values is None:
             names = [os.fsencode(n) for n in
-                     os.listxattr(self.real_path(node), follow_symlinks=False)]
+                     realfs.listxattr(self.real_path(node))]
         else:
             names = list(values)
         visible = (xattrs.to_visible(n) for n in names)
@@ -311,8 +312,8 @@ class MergedTree:
         if node.lower_xattrs is None:
             real = self.real_path(node)
             try:
-                names = os.listxattr(real, follow_symlinks=False)
-                node.lower_xattrs = {os.fsencode(n): os.getxattr(real, n, follow_symlinks=False)
+                names = realfs.listxattr(real)
+                node.lower_xattrs = {os.fsencode(n): realfs.getxattr(real, n)
                                      for n in names} if names else _NO_XATTRS
             except OSError:
                 return None
@@ -328,7 +329,7 @@ class MergedTree:
         seen: dict[bytes, None] = {}
         hidden: set[bytes] = set()
         if node.in_upper:
-            with os.scandir(self._upper_path(node)) as it:
+            with realfs.scandir(self._upper_path(node)) as it:
                 for entry in it:
                     if _maybe_device(entry) and is_whiteout_stat(entry.stat(follow_symlinks=False)):
                         hidden.add(entry.name)
@@ -387,7 +388,7 @@ class MergedTree:
     @staticmethod
     def _is_upper_whiteout(real: bytes) -> bool:
         try:
-            return is_whiteout_stat(os.lstat(real))
+            return is_whiteout_stat(realfs.lstat(real))
         except FileNotFoundError:
             return False
 
