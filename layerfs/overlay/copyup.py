@@ -10,6 +10,7 @@ renames the staged copy into the upper dir, which is what makes copy-up atomic.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import stat
@@ -18,6 +19,7 @@ from layerfs import overlay_xattrs as xattrs
 from layerfs import realfs, syscalls
 
 _counter = itertools.count()
+_MUST_COPY = ("system.posix_acl_access", "system.posix_acl_default", "security.")
 
 
 def work_name(work: bytes) -> bytes:
@@ -56,7 +58,13 @@ def _copy_meta(path: bytes, st: os.stat_result, src: bytes, *, is_link: bool) ->
         realfs.chmod(path, stat.S_IMODE(st.st_mode))
     for name, value in xattrs.user_xattrs(src):
         with contextlib.suppress(OSError) if is_link else contextlib.nullcontext():
-            realfs.setxattr(path, name, value)
+            try:
+                realfs.setxattr(path, name, value)
+            except OSError as exc:
+                # as the kernel's ovl_copy_xattr: an upper without this namespace (user.* on
+                # an older tmpfs) loses the xattr, but ACLs and security.* must come along
+                if exc.errno != errno.EOPNOTSUPP or name.startswith(_MUST_COPY):
+                    raise
     realfs.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
