@@ -260,6 +260,23 @@ class _MergedStat:
         return getattr(self._st, name)
 
 
+def daemon_pid(mnt: Path) -> int:
+    """The pid of the daemon serving `mnt`: the layerfs-overlay process named with it."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # separate arguments, or one string of them when the fork server ran the command
+        # (see layerfs.cli.forkserver._show_command_line)
+        words = [word for part in cmdline for word in part.split(b" ")]
+        if any(b"layerfs-overlay" in word for word in words) and str(mnt).encode() in words:
+            return int(pid)
+    raise AssertionError(f"no daemon found for {mnt}")
+
+
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mounts") as f:

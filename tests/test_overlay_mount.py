@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fsapi import OVERLAY_CMD, Layers, MountFS, is_mounted, mounted_overlay, unmount
+from tests.fsapi import (
+    OVERLAY_CMD,
+    Layers,
+    MountFS,
+    daemon_pid,
+    is_mounted,
+    mounted_overlay,
+    unmount,
+)
 
 
 @pytest.fixture
@@ -33,23 +41,6 @@ def mnt(tmp_path: Path) -> Path:
 
 def run_overlay(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([OVERLAY_CMD, *args], capture_output=True, text=True, timeout=30)
-
-
-def daemon_pid(mnt: Path) -> int:
-    """The pid of the daemon serving `mnt`: the layerfs-overlay process named with it."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        # separate arguments, or one string of them when the fork server ran the command
-        # (see layerfs.cli.forkserver._show_command_line)
-        words = [word for part in cmdline for word in part.split(b" ")]
-        if any(b"layerfs-overlay" in word for word in words) and str(mnt).encode() in words:
-            return int(pid)
-    raise AssertionError(f"no daemon found for {mnt}")
 
 
 def wait_gone(pid: int, deadline: float = 10.0) -> None:

@@ -120,7 +120,7 @@ def _spec(mountpoint: str, option_args: list[str]) -> OverlaySpec:
     for arg in option_args:
         for item in filter(None, arg.split(",")):
             key, sep, value = item.partition("=")
-            if key in ("lowerdir", "upperdir", "workdir", "fsname", "fsync", "log"):
+            if key in ("lowerdir", "upperdir", "workdir", "fsname", "fsync", "passthrough", "log"):
                 if not sep:
                     raise UsageError(f"{key}: needs a value")
                 values[key] = value
@@ -150,6 +150,7 @@ def _spec(mountpoint: str, option_args: list[str]) -> OverlaySpec:
         fsname=values.get("fsname", "layerfs-overlay"),
         fuse_options=frozenset(fuse_options - {"ro"}),
         sync_copy_up=values.get("fsync", "1") != "0",
+        passthrough=values.get("passthrough", "1") != "0",
         log_file=values.get("log"),
     )
 

@@ -46,6 +46,7 @@ class OverlaySpec:
     fsname: str = "layerfs"
     fuse_options: frozenset[str] = field(default_factory=frozenset)
     sync_copy_up: bool = True
+    passthrough: bool = True
     log_file: str | None = None
 
 
@@ -120,7 +121,7 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
         options = set(spec.fuse_options)
         if spec.upper is None:
             options.add("ro")
-        operations = OverlayOperations(engine)
+        operations = OverlayOperations(engine, passthrough=spec.passthrough)
         session_signals = (signal.SIGTERM, signal.SIGINT, FREEZE_SIGNAL, THAW_SIGNAL)
         session: Session | None = None
 

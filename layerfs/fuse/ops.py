@@ -22,7 +22,9 @@ import time
 from typing import TYPE_CHECKING
 
 from layerfs.fuse import protocol as P
+from layerfs.fuse.passthrough import BackingFiles
 from layerfs.fuse.session import MAX_WRITE, Defer, Reply, Request
+from layerfs.overlay.nodes import UPPER
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -80,11 +82,18 @@ class _Cookies:
 
 
 class OverlayOperations:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, passthrough: bool = True) -> None:
+        """`passthrough`: let the kernel read and write files whose data no copy-up can move
+        (all files of a read-only mount, files in the upper) without asking us."""
         self.lock = threading.Lock()
         self.requests_waiting: Callable[[], bool] = lambda: True  # the session's, once attached
         self.kernel_flags = 0  # the session's, after INIT
+        self.device_fd = -1  # the session's
+        self.wants_passthrough = passthrough
         self._engine = engine
+        self._backing: BackingFiles | None = None  # made at the first open, after INIT
+        self._backing_ids: dict[int, int] = {}
+        """fh -> the backing id it was opened with; 0 for a cached open."""
         self._loop_thread = threading.get_ident()
         self._files: dict[int, Handle] = {}
         self._next_fh = 1
@@ -194,7 +203,25 @@ class OverlayOperations:
     def _open_reply(self, handle: Handle) -> bytes:
         # Every change goes through this mount, so cached pages stay right; and a close has
         # nothing for us to do (no locks, writes are not buffered), so the kernel sends no FLUSH.
-        return P.OPEN_OUT.pack(self._new_fh(handle), P.FOPEN_KEEP_CACHE | P.FOPEN_NOFLUSH, 0)
+        fh = self._new_fh(handle)
+        backing = self._backing
+        if backing is None:
+            backing = self._backing = BackingFiles(
+                self.device_fd, self.wants_passthrough and bool(self.kernel_flags & P.PASSTHROUGH))
+        # A lower file of a read-write mount may be copied up while open, and its readers must
+        # then read the copy (as on the kernel's overlayfs): only we can move them.
+        # O_DIRECT stays ours: we serve it buffered, where the backing file would refuse
+        # unaligned requests (EINVAL)
+        direct = bool(handle.flags & os.O_DIRECT)
+        wanted = (handle.layer == UPPER or self._engine.upper is None) and not direct
+        backing_id = backing.open(handle.node.ino, handle.fd, wanted)
+        if backing_id:
+            self._backing_ids[fh] = backing_id
+            # of an inode in passthrough mode, an O_DIRECT open must name its backing file
+            # too; FOPEN_DIRECT_IO sends its reads and writes to us all the same
+            flags = P.FOPEN_PASSTHROUGH | P.FOPEN_NOFLUSH | (P.FOPEN_DIRECT_IO if direct else 0)
+            return P.OPEN_OUT.pack(fh, flags, backing_id)
+        return P.OPEN_OUT.pack(fh, P.FOPEN_KEEP_CACHE | P.FOPEN_NOFLUSH, 0)
 
     # -------------------------------------------------------------- lookup and attributes
     def lookup(self, req: Request) -> Reply:
@@ -443,6 +470,8 @@ class OverlayOperations:
         fh, *_ = P.RELEASE_IN.unpack_from(req.body)
         handle = self._files.pop(fh, None)
         if handle is not None:
+            if self._backing is not None:
+                self._backing.release(handle.node.ino, self._backing_ids.pop(fh, 0))
             self._engine.release(handle)
         return b""
 

@@ -77,13 +77,28 @@ HANDLE_KILLPRIV_V2 = 1 << 28
 kernel stops asking for security.capability before every write."""
 SETXATTR_EXT = 1 << 29
 """SETXATTR carries flags of its own (SETXATTR_EXT_IN): ACL_KILL_SGID."""
+INIT_EXT = 1 << 30
+"""INIT carries a second word of flags (flags2: bits 32-63 of the flags below)."""
+PASSTHROUGH = 1 << 37
+"""Opens may name a backing file that the kernel reads and writes itself (FOPEN_PASSTHROUGH)."""
 
 WRITE_KILL_SUIDGID = 1 << 2  # fuse_write_in.write_flags
 OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in.open_flags, fuse_create_in.open_flags
 
 # fuse_open_out.open_flags
+FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_NOFLUSH = 1 << 5
+FOPEN_PASSTHROUGH = 1 << 7
+
+# ioctls on the connection's descriptor: _IOW(229, 1, struct fuse_backing_map), _IOW(229, 2, u32)
+DEV_IOC_BACKING_OPEN = 0x4010E501
+DEV_IOC_BACKING_CLOSE = 0x4004E502
+BACKING_MAP = struct.Struct("<iIQ")  # fd, flags, padding
+BACKING_ID = struct.Struct("<I")
+MAX_STACK_DEPTH = 1
+"""Backing files must be on filesystems that stack on nothing (not an overlay mount); and a
+kernel overlay may still use this mount as a layer."""
 
 # fuse_setattr_in.valid
 FATTR_MODE = 1 << 0
@@ -117,12 +132,14 @@ ATTR_OUT = struct.Struct("<QII" + _ATTR)
 
 INIT_IN = struct.Struct("<IIII")
 """major, minor, max_readahead, flags (flags2 and the rest follow on new kernels)."""
-INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
+INIT_IN_FLAGS2 = struct.Struct("<I")
+"""flags2, right after INIT_IN, where the kernel sets INIT_EXT."""
+INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
 """major, minor, max_readahead, flags, max_background, congestion_threshold, max_write,
-time_gran, max_pages, map_alignment, flags2, unused."""
+time_gran, max_pages, map_alignment, flags2, max_stack_depth, unused."""
 
 OPEN_IN = struct.Struct("<II")  # flags, open_flags
-OPEN_OUT = struct.Struct("<QII")  # fh, open_flags, padding
+OPEN_OUT = struct.Struct("<QIi")  # fh, open_flags, backing_id (with FOPEN_PASSTHROUGH)
 CREATE_IN = struct.Struct("<IIII")  # flags, mode, umask, open_flags
 READ_IN = struct.Struct("<QQIIQII")  # fh, offset, size, read_flags, lock_owner, flags, padding
 WRITE_IN = READ_IN  # fh, offset, size, write_flags, lock_owner, flags, padding

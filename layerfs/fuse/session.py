@@ -86,6 +86,10 @@ class Filesystem(Protocol):
     requests_waiting: Callable[[], bool]
     kernel_flags: int
     """The INIT flags both sides agreed on; set before the first request after INIT."""
+    wants_passthrough: bool
+    """Whether to ask the kernel for FUSE_PASSTHROUGH at INIT."""
+    device_fd: int
+    """The connection's descriptor, for its ioctls; set by the session."""
 
     def handlers(self) -> dict[int, Callable[[Request], Reply]]: ...
 
@@ -109,6 +113,7 @@ class Session:
         self._queue = select.poll()
         self._queue.register(fd, select.POLLIN)
         fs.requests_waiting = self.requests_waiting
+        fs.device_fd = fd
 
     def requests_waiting(self) -> bool:
         """Whether the kernel has another request for us right now."""
@@ -199,12 +204,17 @@ class Session:
         if major != P.KERNEL_MAJOR:
             self._reply_error(unique, errno.EPROTO)
             raise OSError(errno.EPROTO, f"FUSE: kernel speaks protocol {major}.{minor}")
-        flags &= _WANTED_FLAGS
+        flags2_at = P.IN_HEADER.size + P.INIT_IN.size
+        if flags & P.INIT_EXT and len(request) >= flags2_at + P.INIT_IN_FLAGS2.size:
+            flags |= P.INIT_IN_FLAGS2.unpack_from(request, flags2_at)[0] << 32
+        wanted = _WANTED_FLAGS | (P.INIT_EXT | P.PASSTHROUGH if self._fs.wants_passthrough else 0)
+        flags &= wanted
         self._fs.kernel_flags = flags
         reply = P.INIT_OUT.pack(
-            P.KERNEL_MAJOR, min(minor, P.KERNEL_MINOR), max_readahead, flags,
+            P.KERNEL_MAJOR, min(minor, P.KERNEL_MINOR), max_readahead, flags & 0xFFFFFFFF,
             64, 48,  # max_background, congestion_threshold: readahead and async reads in flight
-            MAX_WRITE, 1, MAX_WRITE // P.PAGE_SIZE, 0, 0,
+            MAX_WRITE, 1, MAX_WRITE // P.PAGE_SIZE, 0, flags >> 32,
+            P.MAX_STACK_DEPTH if flags & P.PASSTHROUGH else 0,
         )
         self._reply(unique, reply)
 
