@@ -12,9 +12,9 @@ This module is imported by every `layerfs` command before anything else, so it i
 what the interpreter has already loaded or what costs microseconds: `_socket` and `_signal`
 rather than `socket` and `signal`, whose enum classes alone take 5-8 ms to import here.
 
-Where: one socket per user and per installation (the interpreter, the package directory and
-the PYTHON* variables), in `LAYERFS_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/layerfs`, else
-`/run/layerfs` for root and `/tmp/layerfs-UID` for others. That directory must belong to the
+Where: one socket per user and per installation (the interpreter, the package directory, the
+PYTHON* variables and LAYERFS_PURE), in `LAYERFS_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/layerfs`,
+else `/run/layerfs` for root and `/tmp/layerfs-UID` for others. That directory must belong to the
 user and be closed to others: whoever can put a socket there would see our commands and our
 terminal. `LAYERFS_FORKSERVER=0` turns the whole thing off.
 """
@@ -61,12 +61,13 @@ def runtime_dir() -> str:
 
 def installation() -> str:
     """What a server must share with its clients: the interpreter, the package's directory, and
-    the PYTHON* variables, which decide what an import finds and how the interpreter runs; and
-    the login session and cgroup, so that each session (each SSH login, each systemd unit) gets
-    a server of its own, whose children the audit log and the unit's stop see as its own."""
+    the PYTHON* variables and LAYERFS_PURE, which decide what an import finds (compiled or pure
+    modules, see `layerfs.build`) and how the interpreter runs; and the login session and
+    cgroup, so that each session (each SSH login, each systemd unit) gets a server of its own,
+    whose children the audit log and the unit's stop see as its own."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     python = sorted(f"{key}={value}" for key, value in os.environ.items()
-                    if key.startswith("PYTHON"))
+                    if key.startswith("PYTHON") or key == "LAYERFS_PURE")
     session = [_proc_self(name) for name in ("loginuid", "sessionid", "cgroup")]
     return "\0".join([os.path.realpath(sys.executable), package, *python, *session])
 

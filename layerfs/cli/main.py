@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 
+from layerfs import build
 from layerfs.errors import LayerfsError, UsageError
 from layerfs.reference import Reference
 from layerfs.store.layout import default_root
@@ -108,7 +109,8 @@ class LazyGroup(click.Group):
     help="Store directory (default /var/lib/layerfs for root).",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@click.version_option(package_name="layerfs")
+@click.version_option(package_name="layerfs",
+                      message=f"%(prog)s %(version)s, {build.description()}")
 @click.pass_context
 def cli(ctx: click.Context, root: Path | None, debug: bool) -> None:
     """Container images as a FUSE copy-on-write filesystem."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from layerfs import __version__, build
 from layerfs.errors import LayerfsError, UsageError
 from layerfs.fuse.mount import OverlaySpec, default_fuse_options, mount_overlay
 
@@ -102,6 +103,9 @@ def parse_args(argv: list[str]) -> tuple[OverlaySpec, bool]:
             foreground = True
         elif arg in ("-h", "--help"):
             print(USAGE)
+            raise SystemExit(0)
+        elif arg in ("-V", "--version"):
+            print(f"layerfs-overlay {__version__}, {build.description()}")
             raise SystemExit(0)
         elif arg.startswith("-") and arg != "-":
             raise UsageError(f"{arg}: unknown flag")
