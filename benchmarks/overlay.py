@@ -4,8 +4,10 @@ Order of work: check that every selected system can run (refuse otherwise, namin
 the cache dir's lock, build or reuse the layers, then for each run, each workload group and each
 system (rotated per run, so that no system is always first after a cache drop) mount, measure and
 unmount. A group that fails is recorded and the benchmark goes on; its ExitStack has already
-unmounted what it mounted and stopped the daemons it started. Anything left mounted under the run
-dir at the end is an error.
+unmounted what it mounted and stopped the daemons it started. The groups on a loop filesystem
+(`copy_up_xfs` ...) get their filesystem once per suite run, before the first group, and lose it
+when the suite ends (`benchmarks.filesystems`). Anything left mounted under the run dir at the end
+is an error.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks import charts, mounts, report
+from benchmarks import charts, mounts, overlay_notes, report
+from benchmarks.filesystems import LoopFilesystem, loop_filesystems
 from benchmarks.layers import (
     BIG_FILE,
     DB_FILE,
@@ -29,7 +32,6 @@ from benchmarks.layers import (
     SPARSE_FILE,
     Layers,
     ensure_layers,
-    size_name,
     sized_file,
 )
 from benchmarks.procs import CommandError, drop_caches, own_forkserver, run, sync
@@ -38,6 +40,7 @@ from benchmarks.workloads import (
     MOUNT_KEY,
     Group,
     copy_up_points,
+    filesystem_key,
     groups,
     keys_of,
     row_labels,
@@ -139,16 +142,25 @@ def run_suite(args: argparse.Namespace) -> report.Outcome:
         layers = ensure_layers(cache_dir, QUICK if args.quick else FULL)
         run_dir = _run_dir(stack, cache_dir)
         _start_forkserver(stack, systems, layers, run_dir)
+        kinds = dict.fromkeys(group.filesystem for group in selected if group.filesystem)
+        filesystems, skipped = loop_filesystems(stack, kinds, layers, run_dir)
+        for kind, reason in skipped.items():
+            print(f"note: {filesystem_key(kind)} left out: {kind}: {reason}", file=sys.stderr)
+        runnable = [group for group in selected
+                    if group.filesystem is None or group.filesystem in filesystems]
         started = time.perf_counter()
         machine = report.machine_facts(cache_dir)
-        results = _measure(systems, selected, layers, run_dir, runs)
+        results = _measure(systems, runnable, layers, run_dir, filesystems, runs)
         document = _document(args, runs, systems, layers, results, machine, started)
+        document["filesystems"] = {kind: loop.facts for kind, loop in filesystems.items()}
+        document["filesystems_skipped"] = skipped
         document["machine_after"] = report.machine_facts(cache_dir)
     stem = f"overlay-{getattr(args, 'stamp', None) or time.strftime('%Y%m%d-%H%M%S')}"
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = _charts(args.out, stem, results, layers)
     document["charts"] = [path.name for _, path in drawn]
-    table = report.markdown(results, _title(args, runs, layers), _notes(results, layers), drawn)
+    table = report.markdown(results, _title(args, runs, layers),
+                            overlay_notes.notes(results, layers, skipped), drawn)
     path = report.write_outputs(args.out, stem, document, table)
     print(table)
     print(f"results: {path} and {path.with_suffix('.json')}")
@@ -175,19 +187,26 @@ def _start_forkserver(stack: ExitStack, systems: list[System], layers: Layers,
 
 
 def _measure(
-    systems: list[System], selected: Sequence[Group], layers: Layers, run_dir: Path, runs: int
+    systems: list[System], selected: Sequence[Group], layers: Layers, run_dir: Path,
+    filesystems: dict[str, LoopFilesystem], runs: int,
 ) -> report.Results:
     """Every group on every system, `runs` times; each group's systems run back to back, so
-    that they are measured under the same conditions, first one rotating from run to run."""
+    that they are measured under the same conditions, first one rotating from run to run.
+    A group on a loop filesystem reads its layers there and keeps its scratch dir there."""
     results = report.Results([system.name for system in systems], row_labels(layers, selected))
     for run_index in range(runs):
         order = systems[run_index % len(systems):] + systems[: run_index % len(systems)]
         for group in selected:
+            if group.filesystem is None:
+                group_layers, scratch_base = layers, run_dir
+            else:
+                loop = filesystems[group.filesystem]
+                group_layers, scratch_base = loop.layers, loop.scratch
             for system in order:
                 if system.only and not any(fnmatch(group.key, pattern)
                                            for pattern in system.only):
                     continue
-                _run_group_safely(system, group, layers, run_dir, run_index, results)
+                _run_group_safely(system, group, group_layers, scratch_base, run_index, results)
     return results
 
 
@@ -256,7 +275,7 @@ def _remove_run_dir(run_dir: Path) -> None:
 
 
 def _run_group_safely(
-    system: System, group: Group, layers: Layers, run_dir: Path, run_index: int,
+    system: System, group: Group, layers: Layers, scratch_base: Path, run_index: int,
     results: report.Results,
 ) -> None:
     """Run one group; record a failure and go on, unless cleaning up after it failed too."""
@@ -264,12 +283,13 @@ def _run_group_safely(
     print(label, end=" ", flush=True)
     results.note_load(group.key, system.name, run_index)
     try:
-        scratch = run_dir / f"{group.key}-{system.name}-{run_index}"
+        scratch = scratch_base / f"{group.key}-{system.name}-{run_index}"
         timings = _run_group(system, group, layers, scratch, results)
     except (CommandError, OSError, ValueError) as exc:
         print(f"FAILED: {exc}", flush=True)
         results.fail(group.key, system.name, run_index, exc)
-        if mounts.mounts_under(run_dir):
+        # Under the group's own dir: the run dir also holds the loop filesystems' mounts.
+        if mounts.mounts_under(scratch):
             raise  # cleanup did not work: stop before anything else piles up
         return
     for key, seconds in timings.items():
@@ -296,9 +316,10 @@ def _run_group(
             system.warm(layers, group.warm)
             sync()
         for measure in group.measures:
+            before = measure.before(root) if measure.before is not None else {}
             timings[measure.key] = measure.run(root.path, layers)
             if measure.check is not None:
-                results.add_check(measure.key, system.name, measure.check(root))
+                results.add_check(measure.key, system.name, {**before, **measure.check(root)})
     return timings
 
 
@@ -345,53 +366,6 @@ def _charts(
         if path is not None:
             drawn.append(("copy-up latency by file size, one line per system", path))
     return drawn
-
-
-def _notes(results: report.Results, layers: Layers) -> list[str]:
-    """Paragraphs on the checks: the sparse file's holes, the big file's folios."""
-    return [*_sparse_note(results, layers), *_folio_note(results)]
-
-
-def _folio_note(results: report.Results) -> list[str]:
-    """How each system cached the big file, as folio sizes: why a warm read costs what it does."""
-    checks = results.checks.get("read_big_warm")
-    if not checks:
-        return []
-    parts = []
-    for system in results.systems:
-        found = [entry.get("folios_first_64MiB") for entry in checks.get(system, [])]
-        histogram = next((value for value in reversed(found) if isinstance(value, dict)), None)
-        if histogram:
-            parts.append(f"{system} " + " + ".join(f"{count:,} x {size}"
-                                                   for size, count in histogram.items()))
-    if not parts:
-        return []
-    return ["Page-cache folios holding the first 64 MiB of the big file after its warm read "
-            "(last run; through the mount, from /proc/kpageflags): " + "; ".join(parts) + ". "
-            "A warm read costs the kernel a lookup and an LRU update per folio."]
-
-
-def _sparse_note(results: report.Results, layers: Layers) -> list[str]:
-    """A paragraph on the sparse file: did each system's copy keep its holes?"""
-    checks = results.checks.get("copy_up_sparse")
-    if not checks:
-        return []
-    lower = int(str(layers.facts["sparse_allocated_bytes"]))
-    parts = []
-    for system in results.systems:
-        stored = [entry.get("stored_allocated_bytes") for entry in checks.get(system, [])]
-        sizes = [int(str(value)) for value in stored if value is not None]
-        if not sizes:
-            if system in checks:
-                parts.append(f"{system}: no copy found")
-            continue
-        biggest = max(sizes)
-        verdict = "holes kept" if biggest <= 2 * lower + (1 << 20) else "**holes filled**"
-        parts.append(f"{system} {biggest / (1 << 20):,.1f} MiB ({verdict})")
-    size = size_name(int(str(layers.facts["sparse_bytes"])))
-    return [f"Sparse file: space the {size} file's copy takes after its first write "
-            f"(`st_blocks` of the upper copy; the lower file takes {lower / (1 << 20):,.1f} "
-            f"MiB): {', '.join(parts)}."]
 
 
 def _document(

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from benchmarks.extents import allocation, used_bytes
+from benchmarks.filesystems import KINDS as FILESYSTEM_KINDS
 from benchmarks.folios import folio_sizes
 from benchmarks.layers import (
     BIG_FILE,
@@ -52,6 +54,8 @@ class Measure:
     run: Callable[[Path, Layers], float]
     # Facts to record after the run (e.g. blocks allocated to the upper copy), from the root.
     check: Callable[[Root], dict[str, object]] | None = None
+    # Facts taken just before the clock starts, recorded with the check's (e.g. space in use).
+    before: Callable[[Root], dict[str, object]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,9 @@ class Group:
     record_mount: bool = False  # report the (cold) mount command's duration
     changes: tuple[str, ...] | None = None  # paths the group changes; None: it only reads
     warm: tuple[str, ...] = ()  # lower paths to bring into the page cache first
+    # The loop-mounted filesystem (one of `benchmarks.filesystems.KINDS`) that holds the group's
+    # lower and scratch dir; None: the cache dir's own, with the full layers.
+    filesystem: str | None = None
 
 
 MOUNT_KEY = "mount"
@@ -122,6 +129,27 @@ def _sparse_blocks(root: Root) -> dict[str, object]:
         else:
             found[f"{where}_allocated_bytes"] = stat.st_blocks * 512
             found["size"] = stat.st_size
+    return found
+
+
+def _space_before(root: Root) -> dict[str, object]:
+    return {"fs_used_bytes_before": used_bytes(str(root.upper or root.path))}
+
+
+def _clone_check(root: Root) -> dict[str, object]:
+    """Was the big file's copy a clone? Its extents shared with the lower file, and the space the
+    filesystem took during the copy-up (with `_space_before`): after a sync, since a copy nobody
+    fsynced may still be in the page cache. The plain dir's copy was made before the clock
+    started, by `cp -a` (a reflink where it can be): its growth is the first write alone."""
+    os.sync()
+    copy = (root.upper or root.path) / BIG_FILE
+    found: dict[str, object] = {"fs_used_bytes_after": used_bytes(str(root.upper or root.path)),
+                                "copy_found": copy.is_file()}
+    if found["copy_found"]:
+        try:
+            found.update(allocation(str(copy)))
+        except OSError as exc:  # no FIEMAP here: the used space still tells
+            found["fiemap_error"] = str(exc)
     return found
 
 
@@ -193,13 +221,19 @@ def keys_of(group: Group) -> list[str]:
     return [MOUNT_KEY] * group.record_mount + [measure.key for measure in group.measures]
 
 
+def filesystem_key(kind: str) -> str:
+    """The group and row key of the big file's copy-up on a loop-mounted `kind`."""
+    return f"copy_up_{kind}"
+
+
 def _copy_up_key(size: int) -> str:
     return "copy_up_" + size_name(size).replace(" ", "")
 
 
 def _copy_up_groups(spec: TreeSpec) -> tuple[Group, ...]:
     """One group per size (each a fresh mount with only its own file warm), then the big file
-    (row key `copy_up`, as before the sizes were added), then the sparse file."""
+    (row key `copy_up`, as before the sizes were added), the big file again on each loop-mounted
+    filesystem (`copy_up_xfs` ...: a clone or a copy), then the sparse file."""
     sized = tuple(
         Group(
             _copy_up_key(size),
@@ -218,6 +252,18 @@ def _copy_up_groups(spec: TreeSpec) -> tuple[Group, ...]:
             changes=(BIG_FILE,),
             warm=(BIG_FILE,),
             measures=(Measure("copy_up", "first write to {big_size} file (copy-up)", _copy_up),),
+        ),
+        *(
+            Group(
+                filesystem_key(kind),
+                changes=(BIG_FILE,),
+                warm=(BIG_FILE,),
+                filesystem=kind,
+                measures=(Measure(filesystem_key(kind),
+                                  f"first write to the {{big_size}} file on {kind} (copy-up)",
+                                  _copy_up, check=_clone_check, before=_space_before),),
+            )
+            for kind in FILESYSTEM_KINDS
         ),
         Group(
             "copy_up_sparse",
