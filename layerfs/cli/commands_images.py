@@ -388,9 +388,18 @@ def save(ctx: Context, names: tuple[str, ...], output: Path | None) -> None:
         archive.save(ctx.store, chosen, sys.stdout.buffer)
         return
     tmp = output.with_name(f".{output.name}.tmp")
-    with open(tmp, "wb") as out:
-        archive.save(ctx.store, chosen, out)
-    os.replace(tmp, output)
+    try:
+        with open(tmp, "wb") as out:
+            archive.save(ctx.store, chosen, out)
+        os.replace(tmp, output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a write: name the file it was for, not the store
+            raise OSError(exc.errno, exc.strerror, str(output)) from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _familiar_tag(ref_text: str) -> str:

@@ -1,12 +1,14 @@
 """`layerfs`: the command line. The only place an exception becomes a message and an exit code.
 
 Errors print one line, `layerfs: what: why`, and exit non-zero (`--debug` adds the
-traceback). Tables look like docker's, so that habits carry over.
+traceback). A full disk under the store is named by the store: `layerfs: ROOT: No space left
+on device`. Tables look like docker's, so that habits carry over.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
 import importlib
 import json
@@ -57,12 +59,33 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
         except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            _fail(f"{where}{exc.strerror or exc}", 1)
+            _fail(os_error_text(exc), 1)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
 
     return wrapper
+
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def os_error_text(exc: OSError) -> str:
+    """`what: why` for an OS error. A full disk (ENOSPC, EDQUOT) met on a file of the store, or
+    on no named file (a write), is said of the store: the file is a staging file that is gone
+    by the time the message is read."""
+    where = exc.filename
+    if exc.errno in _NO_SPACE:
+        ctx = click.get_current_context(silent=True)
+        root = ctx.obj.root_path if ctx is not None and isinstance(ctx.obj, Context) else None
+        if root is not None and (where is None or _inside(os.fsdecode(where), root)):
+            where = root
+    prefix = f"{os.fsdecode(where)}: " if where else ""
+    return f"{prefix}{exc.strerror or exc}"
+
+
+def _inside(path: str, root: Path) -> bool:
+    top = os.path.abspath(root)
+    return os.path.commonpath([os.path.abspath(path), top]) == top
 
 
 def _fail(message: str, code: int) -> NoReturn:

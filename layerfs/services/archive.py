@@ -4,7 +4,9 @@ Read: an OCI image layout (a directory, as `skopeo copy ... oci:DIR` writes it),
 archive (that layout as a tar), and a `docker save` archive (`manifest.json`, a config and a
 tar per layer, as docker and `skopeo copy ... docker-archive:` write it). Every blob is
 verified against its digest and every layer against its diff_id before the image is recorded;
-an archive that fails leaves the store as it was (apart from staging, which is removed).
+an archive that fails (damaged, or a full disk) leaves the store as it was: staging is removed
+and so is what it added that no image uses (`images.all_or_nothing`); images of it recorded
+before the failure stay.
 
 Written: one tar that is both formats at once, as docker 25 writes it: an OCI layout
 (`oci-layout`, `index.json`, `blobs/sha256/`) plus a docker `manifest.json` pointing at the
@@ -26,6 +28,7 @@ from layerfs.errors import LayerfsError, StoreError
 from layerfs.oci import mediatypes
 from layerfs.oci.model import Descriptor, ImageConfig, Index, Manifest, canonical_json
 from layerfs.reference import Reference
+from layerfs.services.images import all_or_nothing
 from layerfs.services.importing import host_architecture
 from layerfs.services.layers import add_tar_stream, unpack_blob
 
@@ -98,15 +101,12 @@ class _Source:
 
 def load(store: Store, path: Path, repository: str | None = None) -> list[Loaded]:
     """Load every image of an archive or layout; returns them with the names they got."""
-    source = _Source(path)
-    try:
+    with contextlib.closing(_Source(path)) as source, all_or_nothing(store):
         if source.exists("index.json") and source.exists("oci-layout"):
             return _load_oci(store, source, repository)
         if source.exists("manifest.json"):
             return _load_docker(store, source)
         raise StoreError(f"{path}: neither a docker archive (manifest.json) nor an OCI layout")
-    finally:
-        source.close()
 
 
 def _blob_name(digest: Digest) -> str:

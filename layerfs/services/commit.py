@@ -4,7 +4,8 @@ The upper is walked in layer order (`overlay.changes`), written as a determinist
 (`tarlayer.write`) by a thread into a pipe, and the other end of the pipe goes through the
 same one-pass path as an import: diff_id, compressed blob and unpacked layer together. Then a
 new config (the old one, the new diff_id, a history entry, author, the `-c` changes) and a
-manifest (the old layers plus the new one) are stored and tagged.
+manifest (the old layers plus the new one) are stored and tagged. A commit that fails (a full
+disk) leaves the store as it was (`images.all_or_nothing`); the container is not touched.
 
 A mounted container is flushed with syncfs first, so that what its processes wrote is in the
 upper; the walk reads the upper as it is then.
@@ -24,6 +25,7 @@ from layerfs.oci.model import Descriptor
 from layerfs.overlay.changes import walk_changes
 from layerfs.services import containers as containers_service
 from layerfs.services.changes import apply_changes
+from layerfs.services.images import all_or_nothing
 from layerfs.services.importing import store_image
 from layerfs.services.layers import NewLayer, add_tar_stream
 from layerfs.store.store import now
@@ -50,26 +52,31 @@ def commit(
     apply_changes(container_config, changes or [])  # a bad change fails before any work
     upper = os.fsencode(containers_service.upper_dir(store, container))
     lowers = [os.fsencode(p) for p in store.lower_dirs(base)]
-    with containers_service.frozen(store, container):
-        entries = _entries(lowers, upper)
-        layer = _write_and_add(store, entries, f"commit of {container.name}", compression)
+    with all_or_nothing(store):
+        with containers_service.frozen(store, container):
+            entries = _entries(lowers, upper)
+            layer = _write_and_add(store, entries, f"commit of {container.name}", compression)
+        _add_layer(config, base, layer, f"layerfs commit {container.name}", author, message)
+        descriptors = [*base.manifest.layers,
+                       Descriptor(layer.media_type, layer.blob, layer.blob_size)]
+        return store_image(store, config, descriptors, refs)
 
+
+def _add_layer(config: dict[str, Any], base: Image, layer: NewLayer, created_by: str,
+               author: str | None, message: str | None) -> None:
+    """The base image's config, edited in place into the new image's: one more layer."""
     created = now()
     config["created"] = created
     if author:
         config["author"] = author
     config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
     config["rootfs"]["diff_ids"] = [*base.diff_ids, layer.diff_id]
-    entry: dict[str, Any] = {"created": created,
-                             "created_by": f"layerfs commit {container.name}"}
+    entry: dict[str, Any] = {"created": created, "created_by": created_by}
     if author:
         entry["author"] = author
     if message:
         entry["comment"] = message
     config["history"] = [*config.get("history", []), entry]
-    descriptors = [*base.manifest.layers,
-                   Descriptor(layer.media_type, layer.blob, layer.blob_size)]
-    return store_image(store, config, descriptors, refs)
 
 
 def _write_and_add(store: Store, entries: list[LayerEntry], name: str,

@@ -5,6 +5,7 @@ No printing: the CLI renders what these return.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from layerfs.store.state import State
 from layerfs.store.store import ref_key
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from layerfs.digest import DiffID, Digest
     from layerfs.store.store import Image, Store
 
@@ -107,6 +110,35 @@ def referenced(store: Store, state: State) -> tuple[set[Digest], set[Digest]]:
         blobs |= {layer.digest for layer in image.manifest.layers}
         layers |= set(image.diff_ids)
     return blobs, layers
+
+
+@contextlib.contextmanager
+def all_or_nothing(store: Store) -> Iterator[None]:
+    """What the block adds to the store (blobs, layers) stays only if the block ends without
+    an error: a pull, import, load or commit that fails half-way, say on a full disk, takes
+    back what it brought, unless an image (of another process, by now) uses it. The index is
+    not touched here: its one atomic write is the last step of each of them."""
+    blobs, layers = len(store.blobs.added), len(store.added_layers)
+    try:
+        yield
+    except BaseException:
+        undo(store, [*store.blobs.added[blobs:], *store.added_layers[layers:]])
+        raise
+
+
+def undo(store: Store, added: list[Digest]) -> None:
+    """Remove the blobs and layers in `added` that no image uses. Best effort, and never
+    with an error of its own: the caller is already failing with the one that matters, and
+    what is left is garbage that `system prune` removes."""
+    if not added:
+        return
+    with contextlib.suppress(OSError, LayerfsError), locked(store.layout.lock):
+        blobs, layers = referenced(store, State.load(store.layout.state))
+        for digest in added:
+            if digest not in blobs:
+                store.blobs.delete(digest)
+            if digest not in layers and store.has_layer(digest):
+                atomic.remove_tree(store.layout.layer(digest))
 
 
 def collect_garbage(store: Store) -> tuple[int, int]:

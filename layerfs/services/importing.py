@@ -1,7 +1,8 @@
 """`import`: a root filesystem tarball becomes a one-layer image; `scratch`, the empty image.
 
 Configs and manifests made here are serialized once (canonical JSON) and stored as those
-bytes; their digests are computed over them.
+bytes; their digests are computed over them. An import that fails (a bad tarball, a cut
+download, a full disk) leaves the store as it was (`images.all_or_nothing`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from layerfs.compression import Compression
 from layerfs.oci import mediatypes
 from layerfs.oci.model import Descriptor, canonical_json
 from layerfs.services.changes import apply_changes
+from layerfs.services.images import all_or_nothing
 from layerfs.services.layers import add_tar_stream
 from layerfs.store.store import now
 
@@ -63,14 +65,15 @@ def import_tarball(
     compression: Compression = Compression.GZIP,
 ) -> Image:
     """`docker import`: one layer from a rootfs tarball (gzip, zstd or plain)."""
-    layer = add_tar_stream(store, stream, source, compression)
-    created = now()
     container_config: dict[str, Any] = {}
-    apply_changes(container_config, changes or [])
-    history = [{"created": created, "comment": message or f"Imported from {source}"}]
-    config = build_config([layer.diff_id], history, container_config, created)
-    descriptor = Descriptor(layer.media_type, layer.blob, layer.blob_size)
-    return store_image(store, config, [descriptor], refs)
+    apply_changes(container_config, changes or [])  # a bad change fails before any work
+    with all_or_nothing(store):
+        layer = add_tar_stream(store, stream, source, compression)
+        created = now()
+        history = [{"created": created, "comment": message or f"Imported from {source}"}]
+        config = build_config([layer.diff_id], history, container_config, created)
+        descriptor = Descriptor(layer.media_type, layer.blob, layer.blob_size)
+        return store_image(store, config, [descriptor], refs)
 
 
 def is_url(source: str) -> bool:

@@ -4,7 +4,7 @@ Manifest (an index picks the platform), config, then the layers: a layer whose d
 store has is skipped ("Already exists"); the others download in parallel into staging files,
 verified against their digests while they stream, and are unpacked once. The image is
 recorded only when everything is in; if anything fails, what this pull added and no image uses
-is removed again, so a failed pull leaves the store as it was.
+is removed again (`images.all_or_nothing`), so a failed pull leaves the store as it was.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from layerfs.oci import mediatypes
 from layerfs.oci.model import Descriptor, ImageConfig, Index, Manifest
 from layerfs.reference import Reference
 from layerfs.services import registries
-from layerfs.services.images import referenced
+from layerfs.services.images import all_or_nothing
 from layerfs.services.importing import host_architecture
 from layerfs.services.layers import unpack_blob
 from layerfs.store import atomic
-from layerfs.store.lock import locked
-from layerfs.store.state import State
 
 if TYPE_CHECKING:
     from layerfs.digest import DiffID, Digest
@@ -120,23 +118,18 @@ def pull(
         ):
             image = store.add_image(manifest.raw, tags, manifest_digest, index_digest)
             return Pulled(image, ref, shown, up_to_date=True)
-        added: list[Digest] = []
-        try:
+        with all_or_nothing(store):
             if not store.blobs.has(image_id):
                 config_raw = client.get_blob_bytes(ref.path, image_id, f"{what}: config")
                 store.blobs.put_bytes(config_raw, image_id)
-                added.append(image_id)
             config = ImageConfig.parse(store.blobs.read(image_id), what=f"{what}: config")
             if len(config.diff_ids) != len(manifest.layers):
                 raise RegistryError(
                     f"{what}: the config lists {len(config.diff_ids)} layers, "
                     f"the manifest {len(manifest.layers)}"
                 )
-            _fetch_layers(store, client, ref, manifest, config.diff_ids, progress, added)
+            _fetch_layers(store, client, ref, manifest, config.diff_ids, progress)
             image = store.add_image(manifest.raw, tags, manifest_digest, index_digest)
-        except BaseException:
-            _undo(store, added)
-            raise
     registries.remember_sources(
         store, ref.domain, ref.path, [layer.digest for layer in manifest.layers]
     )
@@ -150,7 +143,6 @@ def _fetch_layers(
     manifest: Manifest,
     diff_ids: tuple[DiffID, ...],
     progress: PullProgress,
-    added: list[Digest],
 ) -> None:
     todo: list[tuple[Descriptor, DiffID]] = []
     for layer, diff_id in zip(manifest.layers, diff_ids, strict=True):
@@ -170,13 +162,10 @@ def _fetch_layers(
         ]
         try:
             for future in concurrent.futures.as_completed(futures):
-                added.extend(future.result())
+                future.result()
         except BaseException:
-            for future in futures:
+            for future in futures:  # the pool waits for those already running
                 future.cancel()
-            for future in futures:
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    added.extend(future.result())
             raise
 
 
@@ -187,8 +176,7 @@ def _fetch_one(
     layer: Descriptor,
     diff_id: DiffID,
     progress: PullProgress,
-) -> list[Digest]:
-    added: list[Digest] = []
+) -> None:
     short = layer.digest.removeprefix("sha256:")[:12]
     if not store.blobs.has(layer.digest):
         with atomic.staging_file(store.layout.tmp) as (tmp, out):
@@ -203,26 +191,10 @@ def _fetch_one(
             atomic.fsync_file(out)
             progress.layer(layer.digest, "Verifying Checksum")
             store.blobs.adopt(tmp, layer.digest)
-        added.append(layer.digest)
     if not store.has_layer(diff_id):
         progress.layer(layer.digest, "Extracting")
         unpack_blob(store, layer.digest, diff_id)
-        added.append(diff_id)
     progress.layer(layer.digest, "Pull complete")
-    return added
-
-
-def _undo(store: Store, added: list[Digest]) -> None:
-    """Remove what a failed pull added, unless an image (of another pull) uses it by now."""
-    if not added:
-        return
-    with locked(store.layout.lock):
-        blobs, layers = referenced(store, State.load(store.layout.state))
-        for digest in added:
-            if digest not in blobs:
-                store.blobs.delete(digest)
-            if digest not in layers and store.has_layer(digest):
-                atomic.remove_tree(store.layout.layer(digest))
 
 
 def all_tags(store: Store, text: str, *, insecure: bool = False) -> list[str]:

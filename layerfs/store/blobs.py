@@ -2,7 +2,8 @@
 
 Writers stream into a staging file while hashing, fsync, and rename to `blobs/sha256/HEX` only
 once the digest is known (and, if one was promised, equal to it). Existing blobs are never
-rewritten: same name, same bytes.
+rewritten: same name, same bytes. Every blob this process names is listed in `added`, so that
+a command that fails half-way can take back what it brought (`services.images.all_or_nothing`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 class Blobs:
     def __init__(self, layout: Layout) -> None:
         self._layout = layout
+        self.added: list[Digest] = []
+        """The blobs this process named, in order (appended from worker threads too)."""
 
     def path(self, digest: Digest) -> Path:
         return self._layout.blob(digest)
@@ -90,6 +93,7 @@ class Blobs:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
+        self.added.append(digest)
 
     def all(self) -> list[Digest]:
         if not self._layout.blobs.is_dir():

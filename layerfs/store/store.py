@@ -75,6 +75,8 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{root}: cannot create the store: {exc.strerror}") from None
         self.blobs = Blobs(self.layout)
+        self.added_layers: list[DiffID] = []
+        """The layers this process installed, in order (see `Blobs.added`)."""
         atomic.clean_dead_staging(self.layout.tmp)
 
     @property
@@ -132,8 +134,8 @@ class Store:
             if target.exists():  # a damaged leftover without diff/: replace it
                 atomic.remove_tree(target)
             os.rename(stage, target)
+            self.added_layers.append(diff_id)
             atomic.fsync_dir(target.parent)
-        stage.mkdir()  # staging_dir removes what it made; give it something to remove
 
     @property
     def empty_dir(self) -> Path:
