@@ -19,6 +19,8 @@ RENAME_WHITEOUT = 1 << 2
 _AT_FDCWD = -100
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 _COPY_CHUNK = 1 << 30
+_NO_CLONE = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS)
+"""FICLONE's answers for filesystems that cannot share these extents."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
@@ -59,22 +61,29 @@ def make_whiteout(path: bytes) -> None:
     os.mknod(path, 0o020000, os.makedev(0, 0))
 
 
-def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
-    """Copy `size` bytes of file data, sharing extents where the filesystem can.
+def copy_data(src_fd: int, dst_fd: int, size: int, *, clone: bool = True,
+              dense: bool = False) -> bool:
+    """Copy `size` bytes of file data, sharing extents where the filesystem can; False where
+    it could not clone them (so that the caller need not try again on the same filesystems).
 
-    FICLONE first (btrfs, xfs: instant, no data moves); else copy_file_range over the data
-    segments only, found with SEEK_DATA/SEEK_HOLE, so a sparse file stays sparse; the target's
-    size is set with ftruncate so a trailing hole survives.
+    FICLONE first, unless `clone` is False (btrfs, xfs: instant, no data moves); else
+    copy_file_range: over the whole size for a `dense` source (no holes: its blocks cover its
+    size), else over the data segments only, found with SEEK_DATA/SEEK_HOLE, so that a sparse
+    file stays sparse, with the target's size set by ftruncate so that a trailing hole survives.
     """
     if size == 0:
-        return
-    try:
-        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
-                             errno.EBADF, errno.ENOSYS, errno.EPERM):
-            raise
+        return True
+    if clone:
+        try:
+            fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+            return True
+        except OSError as exc:
+            if exc.errno not in (*_NO_CLONE, errno.EBADF, errno.EPERM):
+                raise
+            clone = exc.errno not in _NO_CLONE  # EBADF, EPERM: this file, not the filesystem
+    if dense:
+        _copy_range(src_fd, dst_fd, 0, size)
+        return clone
     os.ftruncate(dst_fd, size)
     pos = 0
     while pos < size:
@@ -82,15 +91,16 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
             start = os.lseek(src_fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # only a hole is left
-                return
+                return clone
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
             # no hole map on this filesystem: all of the rest is data
             _copy_range(src_fd, dst_fd, pos, size)
-            return
+            return clone
         end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
         _copy_range(src_fd, dst_fd, start, end)
         pos = end
+    return clone
 
 
 def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:

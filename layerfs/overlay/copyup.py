@@ -19,12 +19,23 @@ from layerfs import overlay_xattrs as xattrs
 from layerfs import realfs, syscalls
 
 _counter = itertools.count()
+_pid = os.getpid()  # in work names; a fork server's child is another process
+
+
+def _reset_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_reset_pid)
+_no_clone: set[tuple[bytes, int]] = set()
+"""(work dir, source device) pairs where FICLONE failed: not worth a syscall per copy-up."""
 _MUST_COPY = ("system.posix_acl_access", "system.posix_acl_default", "security.")
 
 
 def work_name(work: bytes) -> bytes:
     """A fresh name in the work dir; the work dir is private to one mount."""
-    return b"%s/#%x-%x" % (work, os.getpid(), next(_counter))
+    return b"%s/#%x-%x" % (work, _pid, next(_counter))
 
 
 def clean_work(work: bytes) -> None:
@@ -113,8 +124,11 @@ def _stage_object(
             size = st.st_size if data_len is None else min(st.st_size, data_len)
             if size:
                 src_fd = realfs.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                pair = (tmp.rpartition(b"/")[0], st.st_dev)
                 try:
-                    syscalls.copy_data(src_fd, fd, size)
+                    if not syscalls.copy_data(src_fd, fd, size, clone=pair not in _no_clone,
+                                              dense=st.st_blocks * 512 >= st.st_size):
+                        _no_clone.add(pair)
                 finally:
                     os.close(src_fd)
             if size != st.st_size:

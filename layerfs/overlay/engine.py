@@ -292,13 +292,17 @@ class Engine(MergedTree):
                                syscalls.RENAME_NOREPLACE)
         node.in_upper = True
 
-    def _prepare_create(self, parent: Node, name: bytes) -> bool:
-        """Check that `name` is free and the parent is in the upper; True over a whiteout."""
+    def _prepare_create(self, parent: Node, name: bytes, *, exclusive: bool = False) -> bool:
+        """Check that `name` is free and the parent is in the upper; True over a whiteout.
+
+        `exclusive`: the caller creates with O_EXCL, which finds whatever the upper holds
+        under the name (see `create`), so the upper is only asked where a lower shows it."""
         self._require_upper()
         if len(name) > NAME_MAX:
             raise os_error(errno.ENAMETOOLONG, name)
+        in_lower = self.lower_has(parent, name)
         over_whiteout = False
-        if parent.in_upper:
+        if parent.in_upper and (in_lower or not exclusive):
             try:
                 st = realfs.lstat(self.upper_child(parent, name))
             except FileNotFoundError:
@@ -307,7 +311,7 @@ class Engine(MergedTree):
                 if not is_whiteout_stat(st):
                     raise os_error(errno.EEXIST, name)
                 over_whiteout = True
-        if not over_whiteout and self.lower_has(parent, name):
+        if in_lower and not over_whiteout:
             raise os_error(errno.EEXIST, name)
         self._copy_up_dir(parent)
         parent.changed()
@@ -408,18 +412,20 @@ class Engine(MergedTree):
     ) -> tuple[Node, Handle, Attr]:
         """A new regular file, open, and its attributes. Where no whiteout is in the way it
         is made in place, as the kernel does, and the descriptor that made it is the handle."""
-        over_whiteout = self._prepare_create(parent, name)
-        if over_whiteout:
-            node = self._new_object(parent, name, stat.S_IFREG, mode, uid, gid, umask=umask,
-                                    over_whiteout=True)
-            handle = self.open(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
-            return node, handle, self.getattr(node)
-        uid, gid, _extra, made_gid = self._owner(parent, uid, gid, False)
+        if self._prepare_create(parent, name, exclusive=True):
+            return self._create_over_whiteout(parent, name, mode, flags, uid, gid, umask)
+        owner_uid, owner_gid, _extra, made_gid = self._owner(parent, uid, gid, False)
         new = self._new_acl(parent, mode, umask, False)
         real = self.upper_child(parent, name)
         keep = flags & ~(_ACCMODE | _NOT_PASSED | os.O_TRUNC)
-        fd = realfs.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                     | os.O_NOFOLLOW, 0o600)
+        try:
+            fd = realfs.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                             | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            if not self._is_upper_whiteout(real):  # a whiteout no lower needs any more
+                raise
+            return self._create_over_whiteout(parent, name, mode, flags, uid, gid, umask)
+        uid, gid = owner_uid, owner_gid
         try:
             if uid != self._euid or gid != made_gid:
                 os.fchown(fd, uid, gid)
@@ -437,6 +443,14 @@ class Engine(MergedTree):
         node.opens += 1
         node.open_fds = (*node.open_fds, fd)
         return node, Handle(node, fd, UPPER, flags), self.getattr(node, st)
+
+    def _create_over_whiteout(
+        self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int, umask: int,
+    ) -> tuple[Node, Handle, Attr]:
+        node = self._new_object(parent, name, stat.S_IFREG, mode, uid, gid, umask=umask,
+                                over_whiteout=True)
+        handle = self.open(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+        return node, handle, self.getattr(node)
 
     def link(self, node: Node, new_parent: Node, new_name: bytes) -> Node:
         if node.is_dir:
