@@ -1,14 +1,15 @@
-"""Command line: `python -m benchmarks [all|overlay|images] [--quick] [--runs N] [--skip SYSTEM]
-[--only ROW] [--out DIR] ...`; without a command, `all` (both suites and one summary)."""
+"""Command line: `python -m benchmarks [all|overlay|images|syscalls] [--quick] [--runs N]
+[--skip SYSTEM] [--only ROW] [--out DIR] ...`; without a command, `all` (both suites and one
+summary)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import all_suites, images, overlay
+from benchmarks import all_suites, images, overlay, syscall_counts
 
-COMMANDS = ("all", "overlay", "images")
+COMMANDS = ("all", "overlay", "images", "syscalls")
 
 
 def main(argv: list[str]) -> int:
@@ -26,11 +27,17 @@ def main(argv: list[str]) -> int:
         commands.add_parser("images", help="import, load, mount, commit, pull and dpkg -i against "
                             "umoci, skopeo, fuse-overlayfs and the kernel's overlayfs")
     )
+    syscall_counts.add_arguments(
+        commands.add_parser("syscalls", help="syscalls per copy-up, create, chmod and unlink "
+                            "in the daemons of layerfs-overlay and fuse-overlayfs (strace)")
+    )
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["all", *argv]  # no command: `all`, with whatever options were given
     args = parser.parse_args(argv)
     if args.command == "images":
         return images.main(args)
+    if args.command == "syscalls":
+        return syscall_counts.main(args)
     if args.command == "overlay":
         return overlay.main(args)
     return all_suites.main(args)

@@ -61,6 +61,16 @@ def make_whiteout(path: bytes) -> None:
     os.mknod(path, 0o020000, os.makedev(0, 0))
 
 
+def process_umask() -> int:
+    """This process's umask, read from /proc rather than with umask(2) twice, which would
+    leave it at 0 for a moment for every other thread."""
+    with open("/proc/self/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"Umask:"):
+                return int(line.split()[1], 8)
+    return 0o7777  # not said: take every bit as masked, so that a mode is always set
+
+
 def copy_data(src_fd: int, dst_fd: int, size: int, *, clone: bool = True,
               dense: bool = False) -> bool:
     """Copy `size` bytes of file data, sharing extents where the filesystem can; False where

@@ -46,7 +46,7 @@ _REQUEST_TIMEOUT = 1.0
 """A client sends its request right after it connects; one that does not is not waited for
 longer (the server serves one connection at a time)."""
 _PRELOAD = ("layerfs.cli.main", "layerfs.cli.commands_containers", "layerfs.cli.overlay_main",
-            "concurrent.futures", "traceback")
+            "concurrent.futures.thread", "traceback")
 """What `layerfs mount`, `layerfs-overlay` and the daemon import, so that a child imports
 nothing."""
 

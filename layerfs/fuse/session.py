@@ -101,7 +101,7 @@ class Session:
         self._lock = fs.lock
         self._handlers = fs.handlers()
         self._strict = strict
-        self._pool: ThreadPoolExecutor | None = None  # made on the first deferred request
+        self._pool: ThreadPoolExecutor | None = None  # made once the mount is up
         self._changes = threading.Condition()
         self._changes_running = 0
         self._deferred = 0  # requests on workers: the loop then sleeps instead of spinning
@@ -146,6 +146,7 @@ class Session:
                     self._init(view[:n])
                     initialized = True
                     ready()
+                    self._start_worker()
                     continue
                 self._serve(view[:n])
         finally:
@@ -254,11 +255,20 @@ class Session:
                 self._changes_running += 1
         with self._changes:
             self._deferred += 1
+        self._worker_pool().submit(self._serve_on_worker, handler, req, change)
+
+    def _worker_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(WORKERS, "layerfs-worker")
-        self._pool.submit(self._serve_on_worker, handler, req, change)
+        return self._pool
+
+    def _start_worker(self) -> None:
+        """Start one worker once the mount is up, so that the first deferred request (the
+        copy-up of a big file, often a clone of a few hundred microseconds) does not pay for
+        a thread's start."""
+        self._worker_pool().submit(int)
 
     def _serve_on_worker(self, handler: Callable[[Request], Reply], req: Request,
                          change: bool) -> None:

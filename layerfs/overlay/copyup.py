@@ -31,6 +31,22 @@ os.register_at_fork(after_in_child=_reset_pid)
 _no_clone: set[tuple[bytes, int]] = set()
 """(work dir, source device) pairs where FICLONE failed: not worth a syscall per copy-up."""
 _MUST_COPY = ("system.posix_acl_access", "system.posix_acl_default", "security.")
+_made_by: dict[bytes, tuple[int, int, int]] = {}
+"""Work dir → (uid, gid, umask) that an object this process makes there is born with."""
+
+
+def _birth(work: bytes) -> tuple[int, int, int]:
+    """Who owns what we make in `work`, and what masks its mode: the umask, or everything
+    where the work dir has a default ACL, which would mask it instead (read once: the daemon
+    changes neither, and the work dir is its own)."""
+    found = _made_by.get(work)
+    if found is None:
+        work_st = realfs.lstat(work)
+        gid = work_st.st_gid if work_st.st_mode & stat.S_ISGID else os.getegid()
+        inherits = xattrs.get_xattr(work, "system.posix_acl_default") is not None
+        masked = 0o7777 if inherits else syscalls.process_umask()
+        found = _made_by[work] = (os.geteuid(), gid, masked)
+    return found
 
 
 def work_name(work: bytes) -> bytes:
@@ -62,11 +78,14 @@ def remove_tree(path: bytes) -> None:
         realfs.unlink(path)
 
 
-def _copy_meta(path: bytes, st: os.stat_result, src: bytes, *, is_link: bool) -> None:
-    realfs.chown(path, st.st_uid, st.st_gid)
-    if not is_link:
-        # after chown, which clears setuid and setgid
-        realfs.chmod(path, stat.S_IMODE(st.st_mode))
+def _copy_meta(path: bytes, st: os.stat_result, src: bytes, *, is_link: bool,
+               born_right: bool = False) -> None:
+    """`born_right`: `path` was made with `st`'s owner and mode (see `_born_as`)."""
+    if not born_right:
+        realfs.chown(path, st.st_uid, st.st_gid)
+        if not is_link:
+            # after chown, which clears setuid and setgid
+            realfs.chmod(path, stat.S_IMODE(st.st_mode))
     for name, value in xattrs.user_xattrs(src):
         with contextlib.suppress(OSError) if is_link else contextlib.nullcontext():
             try:
@@ -95,6 +114,17 @@ def stage_dir(work: bytes, src: bytes, st: os.stat_result) -> bytes:
     return tmp
 
 
+def _born_as(tmp: bytes, st: os.stat_result) -> bool:
+    """Whether a file made at `tmp` with `st`'s mode gets `st`'s owner and exactly that mode,
+    so that no chown or chmod has to follow (the common case: root copying up root's files).
+
+    Never for setuid or setgid files: their bits are set last, after the data is in."""
+    uid, gid, umask = _birth(tmp.rpartition(b"/")[0])
+    mode = stat.S_IMODE(st.st_mode)
+    return (st.st_uid, st.st_gid) == (uid, gid) and not mode & (umask | stat.S_ISUID
+                                                                 | stat.S_ISGID)
+
+
 def stage_object(
     work: bytes, src: bytes, st: os.stat_result, *, data_len: int | None = None,
     sync: bool = True,
@@ -119,7 +149,9 @@ def _stage_object(
 ) -> None:
     mode = st.st_mode
     if stat.S_ISREG(mode):
-        fd = realfs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        born_right = _born_as(tmp, st)
+        fd = realfs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         stat.S_IMODE(mode) if born_right else 0o600)
         try:
             size = st.st_size if data_len is None else min(st.st_size, data_len)
             if size:
@@ -137,7 +169,7 @@ def _stage_object(
                 os.fdatasync(fd)
         finally:
             os.close(fd)
-        _copy_meta(tmp, st, src, is_link=False)
+        _copy_meta(tmp, st, src, is_link=False, born_right=born_right)
     elif stat.S_ISLNK(mode):
         realfs.symlink(realfs.readlink(src), tmp)
         _copy_meta(tmp, st, src, is_link=True)

@@ -77,6 +77,7 @@ class Engine(MergedTree):
         self.sync_copy_up = True
         # Who the upper filesystem makes our new objects belong to (the daemon's ids).
         self._euid, self._egid = os.geteuid(), os.getegid()
+        self._umask = syscalls.process_umask()
 
     def drop_setid(self, node: Node) -> None:
         """What a write or truncate by a caller without CAP_FSETID does to the file (the
@@ -107,6 +108,7 @@ class Engine(MergedTree):
             raise os_error(errno.EISDIR)
         self._require_upper()
         self.copy_up(node, data_len=size, meta_only=size is None)
+        node.setgid_group = None
         real = self._upper_path(node)
         if uid is not None or gid is not None:
             realfs.chown(real, -1 if uid is None else uid, -1 if gid is None else gid)
@@ -131,7 +133,7 @@ class Engine(MergedTree):
         file's group drops the setgid bit, which we must do (as root we keep it otherwise)."""
         self._require_upper()
         self.copy_up(node, meta_only=True)
-        node.default_acl = None
+        node.default_acl = node.setgid_group = None
         real = self._upper_path(node)
         if kill_sgid:
             st = realfs.lstat(real)
@@ -146,7 +148,7 @@ class Engine(MergedTree):
             # as the kernel: removing what is not there copies nothing up
             realfs.getxattr(self.real_path(node), real_name)
         self.copy_up(node, meta_only=True)
-        node.default_acl = None
+        node.default_acl = node.setgid_group = None
         realfs.removexattr(self._upper_path(node), real_name)
 
     def _require_upper(self) -> None:
@@ -320,9 +322,12 @@ class Engine(MergedTree):
     def _owner(self, parent: Node, uid: int, gid: int, is_dir: bool) -> tuple[int, int, int, int]:
         """Owner and extra mode bits of a new object: a setgid directory hands on its group;
         and the group the upper filesystem gives an object we make there (ours, or that)."""
-        pst = realfs.lstat(self._upper_path(parent))
-        if pst.st_mode & stat.S_ISGID:
-            return uid, pst.st_gid, stat.S_ISGID if is_dir else 0, pst.st_gid
+        group = parent.setgid_group
+        if group is None:  # read once: creates come in bursts, like the default ACL
+            pst = realfs.lstat(self._upper_path(parent))
+            group = parent.setgid_group = pst.st_gid if pst.st_mode & stat.S_ISGID else -1
+        if group >= 0:
+            return uid, group, stat.S_ISGID if is_dir else 0, group
         return uid, gid, 0, self._egid
 
     def _place(self, tmp: bytes, target: bytes, over_whiteout: bool, is_dir: bool) -> None:
@@ -334,6 +339,13 @@ class Engine(MergedTree):
             realfs.unlink(tmp)  # the whiteout, swapped into the work dir
         else:
             realfs.rename(tmp, target)
+
+    def _masked_bits(self, parent: Node) -> int:
+        """The mode bits that making an object in `parent` (in the upper, its default ACL
+        read) may take away: the umask, or any where a default ACL masks instead; setuid and
+        setgid always, which the kernel may strip from a file it makes."""
+        masked = 0o7777 if parent.default_acl else self._umask
+        return masked | stat.S_ISUID | stat.S_ISGID
 
     def _new_acl(self, parent: Node, mode: int, umask: int, is_dir: bool) -> acl.NewObjectAcl:
         """Mode and ACLs of a new object in `parent` (in the upper by now), as inherited."""
@@ -418,18 +430,23 @@ class Engine(MergedTree):
         new = self._new_acl(parent, mode, umask, False)
         real = self.upper_child(parent, name)
         keep = flags & ~(_ACCMODE | _NOT_PASSED | os.O_TRUNC)
+        # Born with its mode where nothing follows that could widen it meanwhile (a chown)
+        # or that the mode would mask: no chmod then.
+        born_right = (owner_uid == self._euid and owner_gid == made_gid and new.access is None
+                      and not new.mode & self._masked_bits(parent))
         try:
             fd = realfs.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                             | os.O_NOFOLLOW, 0o600)
+                             | os.O_NOFOLLOW, new.mode if born_right else 0o600)
         except FileExistsError:
             if not self._is_upper_whiteout(real):  # a whiteout no lower needs any more
                 raise
             return self._create_over_whiteout(parent, name, mode, flags, uid, gid, umask)
         uid, gid = owner_uid, owner_gid
         try:
-            if uid != self._euid or gid != made_gid:
-                os.fchown(fd, uid, gid)
-            os.fchmod(fd, new.mode)  # after the chown, which would clear setuid and setgid
+            if not born_right:
+                if uid != self._euid or gid != made_gid:
+                    os.fchown(fd, uid, gid)
+                os.fchmod(fd, new.mode)  # after the chown, which would clear setuid and setgid
             self._set_acls(fd, new)
             st = os.fstat(fd)
         except BaseException:

@@ -56,6 +56,9 @@ class Node:
     default_acl: bytes | None = None
     """The upper directory's default ACL as read for a create (b"" for none), until its
     xattrs change; None when not read."""
+    setgid_group: int | None = None
+    """The group a setgid upper directory hands on (-1: not setgid) as read for a create,
+    until its mode, owner or ACLs change; None when not read."""
     # everything else
     links: set[tuple[Node, bytes]] = field(default_factory=set)
     lower: tuple[int, bytes] | None = None
