@@ -11,6 +11,8 @@ Owns everything under `CACHE/layers-<spec>-v<N>/`:
                        and then the top over it (the lowers hold no whiteouts, so that is the merge)
     untar.tar          regular files to unpack in the untar workload
     stat-paths         NUL-separated relative paths for the stat workload, spread over the tree
+    read-list.0 ...    the tree's files (not directories) in sorted order, cut into one
+                       contiguous part per parallel reader
     READY              JSON facts about the build; written last, so a directory without it is a
                        build that was cut short and is rebuilt from scratch
 
@@ -38,7 +40,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 # Bump when the layout or the content changes: a new version builds a new cache dir.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 # Paths inside every layer, the merged mount and the plain copy.
 TREE = "tree"
@@ -49,6 +51,8 @@ SPARSE_FILE = "sparse/sparse.bin"
 SPARSE_CHUNK = MiB  # the data extents of the sparse file, 4 of them (at 0, 1/4, 1/2, the end)
 DB_DIR = "db"
 DB_FILE = "db/bench.sqlite"
+PYTHON = "tree/usr/bin/python3.11"  # with tree/usr/lib/python3.11: an interpreter in the image
+PARALLEL_READERS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,7 @@ class TreeSpec:
     random_reads: int  # 4 KiB preads of the big file
     fsync_count: int  # files created, written and fsynced
     sqlite_rows: int  # about 100 bytes each
+    checkout_files: int  # in the git checkout of the `git status` rows (benchmarks.checkout)
 
 
 FULL = TreeSpec(
@@ -93,12 +98,18 @@ FULL = TreeSpec(
     random_reads=20_000,
     fsync_count=10_000,
     sqlite_rows=1_000_000,
+    checkout_files=50_000,
 )
 
 QUICK = TreeSpec(
     name="quick",
     bottom=(("/usr/share/doc", "tree/usr/share/doc"), ("/etc", "tree/etc")),
-    top=(("/usr/include", "tree/usr/include"), ("/usr/share/man/man1", "tree/usr/share/man/man1")),
+    top=(
+        ("/usr/include", "tree/usr/include"),
+        ("/usr/share/man/man1", "tree/usr/share/man/man1"),
+        ("/usr/lib/python3.11", "tree/usr/lib/python3.11"),
+        ("/usr/bin/python3.11", PYTHON),
+    ),
     rm_source="/usr/share/doc",
     big_size=256 * MiB,
     stat_count=50_000,
@@ -110,6 +121,7 @@ QUICK = TreeSpec(
     random_reads=5_000,
     fsync_count=2_000,
     sqlite_rows=100_000,
+    checkout_files=10_000,
 )
 
 
@@ -133,6 +145,7 @@ class Layers:
     plain: Path
     untar_archive: Path
     stat_list: Path
+    read_lists: tuple[Path, ...]  # one per parallel reader
     spec: TreeSpec
     facts: dict[str, object]
 
@@ -152,6 +165,7 @@ def ensure_layers(cache_dir: Path, spec: TreeSpec) -> Layers:
         plain=root / "plain",
         untar_archive=root / "untar.tar",
         stat_list=root / "stat-paths",
+        read_lists=tuple(root / f"read-list.{index}" for index in range(PARALLEL_READERS)),
         spec=spec,
         facts=facts,
     )
@@ -179,6 +193,7 @@ def _build(root: Path, spec: TreeSpec) -> None:
         run(["cp", "-a", f"{lower}/.", f"{plain}/"])
     stat_count = _write_stat_list(plain, partial / "stat-paths", spec.stat_count)
     untar_count = _write_untar_archive(spec, partial)
+    parallel_files = _write_read_lists(plain, partial)
     facts = {
         "spec": spec.name,
         "lower0_entries": _count_entries(lower0),
@@ -191,6 +206,9 @@ def _build(root: Path, spec: TreeSpec) -> None:
         "big_file_bytes": spec.big_size,
         "stat_paths": stat_count,
         "untar_files": untar_count,
+        "parallel_readers": PARALLEL_READERS,
+        "parallel_files": parallel_files,
+        "python": (plain / PYTHON).exists(),
         "create_files": spec.create_count,
         "copy_up_sizes": list(spec.copy_up_sizes),
         "sparse_bytes": spec.sparse_size,
@@ -213,7 +231,7 @@ def _copy_sources(layer: Path, sources: tuple[tuple[str, str], ...]) -> list[str
     layer.mkdir(parents=True)
     skipped = []
     for source, inside in sources:
-        if Path(source).is_dir():
+        if Path(source).exists():
             _copy(source, layer / inside)
         else:
             skipped.append(source)
@@ -284,6 +302,19 @@ def _write_stat_list(plain: Path, destination: Path, count: int) -> int:
         paths = [paths[index * len(paths) // count] for index in range(count)]
     destination.write_bytes(b"\0".join(os.fsencode(path) for path in paths))
     return len(paths)
+
+
+def _write_read_lists(plain: Path, destination: Path) -> int:
+    """The tree's non-directories, sorted (a reader walks a region of the tree, as a build job
+    does), cut into PARALLEL_READERS contiguous lists of paths relative to the tree."""
+    tree = plain / TREE
+    files = sorted(os.fsencode(os.path.relpath(path, tree)) for path in _walk(tree)
+                   if not path.is_dir() or path.is_symlink())
+    for index in range(PARALLEL_READERS):
+        part = files[index * len(files) // PARALLEL_READERS:
+                     (index + 1) * len(files) // PARALLEL_READERS]
+        (destination / f"read-list.{index}").write_bytes(b"\0".join(part))
+    return len(files)
 
 
 def _write_untar_archive(spec: TreeSpec, destination: Path) -> int:

@@ -21,6 +21,7 @@ from benchmarks.procs import CommandError, run
 UNMOUNT_DEADLINE = 15.0  # seconds of retrying a busy unmount before detaching lazily
 DAEMON_EXIT_DEADLINE = 10.0  # seconds a daemon gets to exit on its own after its unmount
 POLL_INTERVAL = 0.05
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,11 @@ def unmount(path: Path, command: list[str], lazy_command: list[str]) -> None:
 
 
 def daemons_serving(path: Path) -> list[Daemon]:
-    """Processes other than us whose command line names `path` as an argument."""
+    """Processes other than us whose command line names `path` as an argument.
+
+    Also where the arguments were written over the process's own as one string, joined by
+    spaces (as layerfs's fork server shows a mount's command when it cannot point the
+    kernel at new memory for them): our mountpoints have no spaces."""
     wanted = os.fsencode(str(path))
     found = []
     for proc in Path("/proc").iterdir():
@@ -123,7 +128,8 @@ def daemons_serving(path: Path) -> list[Daemon]:
             start_time = _start_time(int(proc.name))
         except OSError:
             continue  # exited while we looked
-        if wanted in argv and start_time is not None:
+        words = argv if len(argv) > 2 else b" ".join(argv).split(b" ")
+        if wanted in words and start_time is not None:
             found.append(Daemon(int(proc.name), start_time))
     return found
 
@@ -143,6 +149,19 @@ def stop_daemon(daemon: Daemon) -> None:
         else:
             return
     raise CommandError(f"daemon {daemon.pid}: still running after SIGKILL")
+
+
+def cpu_seconds(daemon: Daemon) -> float | None:
+    """User plus system CPU time of the daemon's threads so far (the live ones and the ones
+    that exited), from /proc/PID/stat in clock ticks; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{daemon.pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[19] != daemon.start_time:
+        return None  # another process has the pid now
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def _start_time(pid: int) -> str | None:

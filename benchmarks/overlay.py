@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks import charts, mounts, overlay_notes, report
+from benchmarks.checkout import ensure_checkout
 from benchmarks.filesystems import LoopFilesystem, loop_filesystems
 from benchmarks.layers import (
     BIG_FILE,
@@ -148,9 +149,11 @@ def run_suite(args: argparse.Namespace) -> report.Outcome:
             print(f"note: {filesystem_key(kind)} left out: {kind}: {reason}", file=sys.stderr)
         runnable = [group for group in selected
                     if group.filesystem is None or group.filesystem in filesystems]
+        checkout = (ensure_checkout(cache_dir, layers, layers.spec.checkout_files)
+                    if any(group.checkout for group in runnable) else None)
         started = time.perf_counter()
         machine = report.machine_facts(cache_dir)
-        results = _measure(systems, runnable, layers, run_dir, filesystems, runs)
+        results = _measure(systems, runnable, layers, run_dir, filesystems, checkout, runs)
         document = _document(args, runs, systems, layers, results, machine, started)
         document["filesystems"] = {kind: loop.facts for kind, loop in filesystems.items()}
         document["filesystems_skipped"] = skipped
@@ -188,7 +191,7 @@ def _start_forkserver(stack: ExitStack, systems: list[System], layers: Layers,
 
 def _measure(
     systems: list[System], selected: Sequence[Group], layers: Layers, run_dir: Path,
-    filesystems: dict[str, LoopFilesystem], runs: int,
+    filesystems: dict[str, LoopFilesystem], checkout: Layers | None, runs: int,
 ) -> report.Results:
     """Every group on every system, `runs` times; each group's systems run back to back, so
     that they are measured under the same conditions, first one rotating from run to run.
@@ -197,7 +200,10 @@ def _measure(
     for run_index in range(runs):
         order = systems[run_index % len(systems):] + systems[: run_index % len(systems)]
         for group in selected:
-            if group.filesystem is None:
+            if group.checkout:
+                assert checkout is not None
+                group_layers, scratch_base = checkout, run_dir
+            elif group.filesystem is None:
                 group_layers, scratch_base = layers, run_dir
             else:
                 loop = filesystems[group.filesystem]
@@ -317,7 +323,12 @@ def _run_group(
             sync()
         for measure in group.measures:
             before = measure.before(root) if measure.before is not None else {}
+            cpu_before = mounts.cpu_seconds(root.daemon) if root.daemon else None
             timings[measure.key] = measure.run(root.path, layers)
+            if root.daemon and cpu_before is not None:
+                cpu_after = mounts.cpu_seconds(root.daemon)
+                if cpu_after is not None:
+                    results.add_cpu(measure.key, system.name, cpu_after - cpu_before)
             if measure.check is not None:
                 results.add_check(measure.key, system.name, {**before, **measure.check(root)})
     return timings
@@ -382,6 +393,7 @@ def _document(
         "systems": {system.name: system.facts() for system in systems},
         "workloads": results.labels,
         "timings": results.timings,
+        "daemon_cpu_seconds": results.cpu,
         "summary": results.summary(),
         "checks": results.checks,
         "copy_up_points": copy_up_points(layers),

@@ -22,8 +22,12 @@ from benchmarks.systems import NO_FSYNC
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-RATIOS = (("layerfs", "kernel"), ("layerfs", "fuse-overlayfs"),
-          (NO_FSYNC, "fuse-overlayfs"))
+EQUAL_DURABILITY = "layerfs@fuse-overlayfs's durability"
+"""A column that is not a system: layerfs-fsync=0 where it ran (the rows that fsync copied-up
+data), else layerfs (where fsync=0 changes nothing): layerfs at fuse-overlayfs's durability."""
+RATIOS = (("layerfs", "kernel"), (EQUAL_DURABILITY, "fuse-overlayfs"))
+CPU_SYSTEMS = ("layerfs", NO_FSYNC, "fuse-overlayfs")
+"""The systems with a daemon whose CPU time is recorded (the kernel's has none to read)."""
 
 
 @dataclass(slots=True)
@@ -36,6 +40,8 @@ class Results:
     loads: list[dict[str, object]] = field(default_factory=list)
     # Facts a workload records beside its timing (e.g. blocks allocated): key → system → runs.
     checks: dict[str, dict[str, list[dict[str, object]]]] = field(default_factory=dict)
+    # A FUSE daemon's CPU seconds (user + system) during each measurement: key → system → runs.
+    cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def note_load(self, group: str, system: str, run_index: int) -> None:
         load = float(Path("/proc/loadavg").read_text().split()[0])
@@ -43,6 +49,9 @@ class Results:
 
     def add(self, workload: str, system: str, seconds: float) -> None:
         self.timings.setdefault(workload, {}).setdefault(system, []).append(seconds)
+
+    def add_cpu(self, workload: str, system: str, seconds: float) -> None:
+        self.cpu.setdefault(workload, {}).setdefault(system, []).append(seconds)
 
     def add_check(self, workload: str, system: str, facts: dict[str, object]) -> None:
         self.checks.setdefault(workload, {}).setdefault(system, []).append(facts)
@@ -60,11 +69,19 @@ class Results:
                     "min": min(values),
                     "max": max(values),
                     "runs": len(values),
+                    **self._cpu_summary(workload, system),
                 }
                 for system, values in by_system.items()
             }
             for workload, by_system in self.timings.items()
         }
+
+    def _cpu_summary(self, workload: str, system: str) -> dict[str, float]:
+        values = self.cpu.get(workload, {}).get(system)
+        if not values:
+            return {}
+        return {"cpu_median": statistics.median(values), "cpu_min": min(values),
+                "cpu_max": max(values)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +105,15 @@ def markdown(results: Results, title: str, notes: Sequence[str] = (),
     """Medians in seconds with layerfs ratios, then min-max per cell, then `notes` (paragraphs),
     the `charts` (alt text, PNG next to the markdown) and any failures."""
     summary = results.summary()
-    ratios = [pair for pair in RATIOS if set(pair) <= set(results.systems)]
-    header = ["workload", *results.systems, *(f"{a}/{b}" for a, b in ratios)]
-    lines = [f"### {title}", "", "Median seconds (lower is better).", "", *_table_head(header)]
+    present = {*results.systems, *([EQUAL_DURABILITY] * ("layerfs" in results.systems))}
+    ratios = [pair for pair in RATIOS if set(pair) <= present]
+    header = ["workload", *results.systems,
+              *(f"layerfs/{b} (equal durability)" if a == EQUAL_DURABILITY else f"{a}/{b}"
+                for a, b in ratios)]
+    lines = [f"### {title}", "", "Median seconds (lower is better). The ratio to "
+             "fuse-overlayfs is at equal durability: layerfs-fsync=0 on the rows where it ran "
+             "(layerfs fsyncs copied-up data there, fuse-overlayfs does not), layerfs elsewhere.",
+             "", *_table_head(header)]
     for key, label in results.labels.items():
         cells = [_median_cell(summary, key, system) for system in results.systems]
         cells += [_ratio_cell(summary, key, a, b) for a, b in ratios]
@@ -98,6 +121,7 @@ def markdown(results: Results, title: str, notes: Sequence[str] = (),
     lines += ["", "Min - max seconds.", "", *_table_head(["workload", *results.systems])]
     for key, label in results.labels.items():
         lines.append(_row([label, *(_range_cell(summary, key, s) for s in results.systems)]))
+    lines += _cpu_table(results, summary)
     for note in notes:
         lines += ["", note]
     lines += chart_lines(charts)
@@ -181,8 +205,39 @@ def _range_cell(summary: dict[str, dict[str, dict[str, float]]], key: str, syste
     return f"{_seconds(stats['min'])} - {_seconds(stats['max'])}" if stats else "—"
 
 
+def _cpu_table(results: Results, summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Each daemon's CPU seconds per row (median), and layerfs's over fuse-overlayfs's."""
+    systems = [system for system in CPU_SYSTEMS if system in results.systems]
+    if not results.cpu or not systems:
+        return []
+    lines = ["", "Daemon CPU seconds, user + system, during the workload (median; /proc/PID/stat, "
+             f"in ticks of {1 / mounts.CLOCK_TICKS:g} s).", "",
+             *_table_head(["workload", *systems, "layerfs/fuse-overlayfs"])]
+    for key, label in results.labels.items():
+        if key not in results.cpu:
+            continue
+        cells = []
+        for system in systems:
+            stats = summary.get(key, {}).get(system, {})
+            cells.append(f"{stats['cpu_median']:.2f}" if "cpu_median" in stats else "—")
+        ours = summary.get(key, {}).get("layerfs", {}).get("cpu_median")
+        theirs = summary.get(key, {}).get("fuse-overlayfs", {}).get("cpu_median")
+        cells.append(f"{ours / theirs:.2f}" if ours is not None and theirs else "—")
+        lines.append(_row([label, *cells]))
+    return lines
+
+
+def equal_durability(summary: dict[str, dict[str, dict[str, float]]],
+                     key: str) -> dict[str, float] | None:
+    """layerfs's stats at fuse-overlayfs's durability (see EQUAL_DURABILITY)."""
+    by_system = summary.get(key, {})
+    return by_system.get(NO_FSYNC) or by_system.get("layerfs")
+
+
 def _ratio_cell(summary: dict[str, dict[str, dict[str, float]]], key: str, a: str, b: str) -> str:
-    ours, theirs = summary.get(key, {}).get(a), summary.get(key, {}).get(b)
+    ours = (equal_durability(summary, key) if a == EQUAL_DURABILITY
+            else summary.get(key, {}).get(a))
+    theirs = summary.get(key, {}).get(b)
     if not ours or not theirs or theirs["median"] <= 0:
         return "—"
     return f"{ours['median'] / theirs['median']:.2f}"

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from benchmarks.checkout import REPO
 from benchmarks.extents import allocation, used_bytes
 from benchmarks.filesystems import KINDS as FILESYSTEM_KINDS
 from benchmarks.folios import folio_sizes
@@ -23,6 +24,7 @@ from benchmarks.layers import (
     BIG_FILE,
     DB_DIR,
     DB_FILE,
+    PYTHON,
     RM_TREE,
     SPARSE_FILE,
     TREE,
@@ -69,6 +71,7 @@ class Group:
     # The loop-mounted filesystem (one of `benchmarks.filesystems.KINDS`) that holds the group's
     # lower and scratch dir; None: the cache dir's own, with the full layers.
     filesystem: str | None = None
+    checkout: bool = False  # reads the git checkout (benchmarks.checkout), not the main layers
 
 
 MOUNT_KEY = "mount"
@@ -99,6 +102,24 @@ def _read_tree(root: Path, layers: Layers) -> float:
 
 def _read_big(root: Path, layers: Layers) -> float:
     return timed(["dd", f"if={root / BIG_FILE}", "of=/dev/null", "bs=1M", "status=none"])
+
+
+def _read_parallel(root: Path, layers: Layers) -> float:
+    # Each reader in a subshell of its own; the script fails if any of them does.
+    script = ('root=$1; shift; for list; do (tar -C "$root" --null --no-recursion -T "$list" '
+              '-cf - | cat > /dev/null) & done; status=0; '
+              'for job in $(jobs -p); do wait "$job" || status=1; done; exit $status')
+    return timed_shell(script, str(root / TREE), *(str(path) for path in layers.read_lists))
+
+
+def _python_imports(root: Path, layers: Layers) -> float:
+    # -I: nothing from the environment or the user's site dir; -B: no .pyc written (the
+    # image's own are read); the interpreter finds its library next to itself, in the mount.
+    return timed([str(root / PYTHON), "-I", "-B", "-c", "import email, json, http.client"])
+
+
+def _git_status(root: Path, layers: Layers) -> float:
+    return timed(["git", "-C", str(root / REPO), "status", "--porcelain"])
 
 
 def _random_reads(root: Path, layers: Layers) -> float:
@@ -305,6 +326,15 @@ _READ_GROUPS: tuple[Group, ...] = (
         cold=True,
         measures=(
             Measure("read_tree_cold", "read every file cold (`tar`, {tree_mib} MiB)", _read_tree),
+            Measure("read_tree_warm", "read every file warm (`tar`)", _read_tree),
+        ),
+    ),
+    Group(
+        "read_parallel",
+        cold=True,
+        measures=(
+            Measure("read_parallel_cold", "{parallel_readers} readers at once, each walking and "
+                    "reading its quarter of the tree's files, cold (`tar`)", _read_parallel),
         ),
     ),
     Group(
@@ -323,6 +353,26 @@ _READ_GROUPS: tuple[Group, ...] = (
             Measure("read_random_cold",
                     "{random_reads} random 4 KiB reads of {big_size} file cold", _random_reads),
             Measure("read_random_warm", "the same reads warm", _random_reads),
+        ),
+    ),
+    Group(
+        "python",
+        cold=True,
+        measures=(
+            Measure("python_cold", "`python3 -c 'import email, json, http.client'`, "
+                    "the interpreter and its library in the mount, cold", _python_imports),
+            Measure("python_warm", "the same start-up warm", _python_imports),
+        ),
+    ),
+    Group(
+        "git_status",
+        cold=True,
+        checkout=True,
+        changes=(REPO,),  # the first `git status` rewrites the index
+        measures=(
+            Measure("git_status_cold", "`git status` in a checkout of {checkout_files} files "
+                    "on a lower, cold", _git_status),
+            Measure("git_status_warm", "`git status` again, warm", _git_status),
         ),
     ),
 )
@@ -387,6 +437,7 @@ def row_labels(layers: Layers, selected: Iterable[Group]) -> dict[str, str]:
     facts["sparse_size"] = size_name(int(str(facts["sparse_bytes"])))
     facts["sparse_data"] = size_name(int(str(facts["sparse_data_bytes"])))
     facts["sqlite_mb"] = round(int(str(facts["sqlite_bytes"])) / 1e6)
+    facts["checkout_files"] = layers.spec.checkout_files
     counts = {key: f"{value:,}" if isinstance(value, int) else value
               for key, value in facts.items()}
     labels = {}
