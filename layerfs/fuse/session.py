@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import select
@@ -61,6 +62,20 @@ _WRITE_OPEN = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 
 Reply = bytes | Sequence[bytes | memoryview] | None
 """A handler's answer: the payload after the header, or None for requests without a reply."""
+
+
+GC_YOUNGEST = 50_000
+"""Allocations between collections of the youngest generation (Python's default: 700)."""
+
+
+def _tune_gc() -> None:
+    """Collect less often: a walk makes a node, a stat and a packed entry per name, which live
+    as long as the kernel holds the inode, so the collector finds little to free and, at the
+    default thresholds, took 6% of the daemon's time in a cold walk. Nothing made before the
+    mount (imports, the lowers' roots) is scanned again."""
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_YOUNGEST, gen1, gen2)
 
 
 class Request:
@@ -125,6 +140,7 @@ class Session:
         main thread go to `on_signal` between requests."""
         buf = bytearray(BUFFER_SIZE)
         view = memoryview(buf)
+        _tune_gc()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         try:
