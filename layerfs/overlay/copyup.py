@@ -42,10 +42,12 @@ def _birth(work: bytes) -> tuple[int, int, int]:
     found = _made_by.get(work)
     if found is None:
         work_st = realfs.lstat(work)
-        gid = work_st.st_gid if work_st.st_mode & stat.S_ISGID else os.getegid()
+        # A setgid dir hands on its group, and so does every dir on a filesystem mounted with
+        # grpid; only where the dir's group is ours or it is setgid do both rules agree.
+        known = work_st.st_mode & stat.S_ISGID or work_st.st_gid == os.getegid()
         inherits = xattrs.get_xattr(work, "system.posix_acl_default") is not None
-        masked = 0o7777 if inherits else syscalls.process_umask()
-        found = _made_by[work] = (os.geteuid(), gid, masked)
+        masked = 0o7777 if inherits or not known else syscalls.process_umask()
+        found = _made_by[work] = (os.geteuid(), work_st.st_gid, masked)
     return found
 
 
@@ -114,12 +116,12 @@ def stage_dir(work: bytes, src: bytes, st: os.stat_result) -> bytes:
     return tmp
 
 
-def _born_as(tmp: bytes, st: os.stat_result) -> bool:
-    """Whether a file made at `tmp` with `st`'s mode gets `st`'s owner and exactly that mode,
+def _born_as(work_dir: bytes, st: os.stat_result) -> bool:
+    """Whether a file made in `work_dir` with `st`'s mode gets `st`'s owner and exactly that mode,
     so that no chown or chmod has to follow (the common case: root copying up root's files).
 
     Never for setuid or setgid files: their bits are set last, after the data is in."""
-    uid, gid, umask = _birth(tmp.rpartition(b"/")[0])
+    uid, gid, umask = _birth(work_dir)
     mode = stat.S_IMODE(st.st_mode)
     return (st.st_uid, st.st_gid) == (uid, gid) and not mode & (umask | stat.S_ISUID
                                                                  | stat.S_ISGID)
@@ -149,14 +151,15 @@ def _stage_object(
 ) -> None:
     mode = st.st_mode
     if stat.S_ISREG(mode):
-        born_right = _born_as(tmp, st)
+        work_dir = tmp.rpartition(b"/")[0]
+        born_right = _born_as(work_dir, st)
         fd = realfs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                          stat.S_IMODE(mode) if born_right else 0o600)
         try:
             size = st.st_size if data_len is None else min(st.st_size, data_len)
             if size:
                 src_fd = realfs.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-                pair = (tmp.rpartition(b"/")[0], st.st_dev)
+                pair = (work_dir, st.st_dev)
                 try:
                     if not syscalls.copy_data(src_fd, fd, size, clone=pair not in _no_clone,
                                               dense=st.st_blocks * 512 >= st.st_size):
