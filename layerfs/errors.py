@@ -9,7 +9,9 @@
     ├── LayerError               a layer tarball that is malformed or hostile
     ├── DigestError              content whose digest is not the one promised
     ├── RegistryError            a registry refused, failed or could not be reached
-    └── DownloadError            a URL (`layerfs import URL`) that could not be fetched whole
+    ├── DownloadError            a URL (`layerfs import URL`) that could not be fetched whole
+    ├── DockerfileError          a Dockerfile that does not parse (`FILE:LINE: why`), exit 2
+    └── BuildError               a build step that failed (a RUN exited non-zero, a COPY source)
 
 Messages read "what: why" and name the thing first. Only `cli` prints them. Filesystem
 operations do not use this tree: they raise `OSError` with the errno the kernel's overlayfs
@@ -58,4 +60,14 @@ class RegistryError(LayerfsError):
 
 
 class DownloadError(LayerfsError):
+    pass
+
+
+class DockerfileError(LayerfsError):
+    """The message starts with `FILE:LINE:` of the instruction at fault."""
+
+    exit_code = 2
+
+
+class BuildError(LayerfsError):
     pass
