@@ -107,6 +107,7 @@ _COMMAND_MODULES = {
     **dict.fromkeys(("mount", "umount", "ps", "rm", "commit", "diff", "run"),
                     "commands_containers"),
     **dict.fromkeys(("pull", "push", "login", "logout", "search"), "commands_registry"),
+    "build": "commands_build",
 }
 
 

@@ -44,8 +44,10 @@ def _entries(lowers: list[bytes], upper: bytes) -> list[LayerEntry]:
 def commit(
     store: Store, container: Container, refs: list[Reference], *,
     message: str | None = None, author: str | None = None, changes: list[str] | None = None,
-    compression: Compression = Compression.GZIP,
+    compression: Compression = Compression.GZIP, created_by: str | None = None,
 ) -> Image:
+    """`created_by`: the history entry's (a build gives the instruction); by default it names
+    the container."""
     base = store.image(container.image)  # type: ignore[arg-type]
     config: dict[str, Any] = copy.deepcopy(base.config.doc)
     container_config = config.setdefault("config", {})
@@ -56,7 +58,8 @@ def commit(
         with containers_service.frozen(store, container):
             entries = _entries(lowers, upper)
             layer = _write_and_add(store, entries, f"commit of {container.name}", compression)
-        _add_layer(config, base, layer, f"layerfs commit {container.name}", author, message)
+        _add_layer(config, base, layer, created_by or f"layerfs commit {container.name}",
+                   author, message)
         descriptors = [*base.manifest.layers,
                        Descriptor(layer.media_type, layer.blob, layer.blob_size)]
         return store_image(store, config, descriptors, refs)

@@ -24,10 +24,16 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWNET = 0x40000000
+_MS_RDONLY = 1
+_MS_REMOUNT = 32
 _MS_BIND = 4096
 _MS_REC = 16384
 _MS_PRIVATE = 1 << 18
 BIND_MOUNTS = ("proc", "sys", "dev")
+HOST_FILES = ("etc/resolv.conf",)
+"""Bound read-only from the host where the network is the host's, as docker and buildah do,
+so that names resolve in the container as on the host."""
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -69,7 +75,7 @@ def process_for(root: Path, config: dict[str, Any], command: list[str], env: lis
                 environment[key] = os.environ[key]
             continue
         environment[key] = value
-    uid, gid, groups, home = _user(root, user if user is not None else config.get("User") or "")
+    uid, gid, groups, home = user_of(root, user if user is not None else config.get("User") or "")
     environment.setdefault("HOME", home)
     environment.setdefault("HOSTNAME", os.uname().nodename)
     cwd = workdir or config.get("WorkingDir") or "/"
@@ -78,7 +84,7 @@ def process_for(root: Path, config: dict[str, Any], command: list[str], env: lis
     return Process(argv, environment, cwd, uid, gid, groups)
 
 
-def _user(root: Path, spec: str) -> tuple[int, int, list[int], str]:
+def user_of(root: Path, spec: str) -> tuple[int, int, list[int], str]:
     """uid, gid, supplementary groups and home of `user[:group]` inside the image."""
     if not spec:
         return 0, 0, [], "/root"
@@ -149,16 +155,22 @@ def read_in_root(root: Path, name: str, max_links: int = 40) -> bytes:
         return f.read(16 << 20)
 
 
-def _enter(root: str, process: Process, binds: list[str]) -> None:
-    """In the child, before exec: private mounts, binds, chroot, working dir, user.
+def _enter(root: str, process: Process, binds: list[str], files: list[str],
+           network: bool) -> None:
+    """In the child, before exec: private mounts (and without `network` a network namespace
+    of its own, with no interfaces up), binds, chroot, working dir, user.
 
     The working directory is made after the chroot, so that a symlink in the image can
     never lead it out of the container.
     """
-    _check(_libc.unshare(_CLONE_NEWNS), "unshare")
+    _check(_libc.unshare(_CLONE_NEWNS | (0 if network else _CLONE_NEWNET)), "unshare")
     _mount("none", "/", _MS_REC | _MS_PRIVATE)
     for name in binds:
         _mount(f"/{name}", os.path.join(root, name), _MS_BIND | _MS_REC)
+    for name in files:
+        target = os.path.join(root, name)
+        _mount(f"/{name}", target, _MS_BIND)
+        _mount("none", target, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
     os.chroot(root)
     os.chdir("/")
     if not os.path.isdir(process.cwd):
@@ -171,15 +183,30 @@ def _enter(root: str, process: Process, binds: list[str]) -> None:
         os.chdir(process.cwd)
 
 
-def run_in(root: Path, process: Process, *, bind: bool = True) -> int:
+def run_in(root: Path, process: Process, *, bind: bool = True, network: bool = True,
+           host_files: bool = False, stdout: int | None = None) -> int:
     """Run `process` chrooted into `root`; its exit status (128+N if killed by signal N).
 
     Mountpoints the image lacks are made for the run and removed after it, so that they do
     not show in the container's diff (docker keeps them in a hidden init layer). A missing
-    working directory is created, as docker does.
+    working directory is created, as docker does. `network` false: no network at all;
+    `host_files`: the host's HOST_FILES bound read-only. `stdout`: an fd for the output
+    (stdout and stderr) instead of ours.
     """
     made: list[Path] = []
     binds: list[str] = []
+    files: list[str] = []
+    for name in HOST_FILES if host_files and network else ():
+        path = root / name
+        if not os.path.isfile(f"/{name}") or not stat.S_ISDIR(_lstat_mode(path.parent)):
+            continue
+        mode = _lstat_mode(path)
+        if mode == 0:
+            path.touch(0o644)
+            made.append(path)
+        elif not stat.S_ISREG(mode):
+            continue  # a symlink of the image: never bound through
+        files.append(name)
     for name in BIND_MOUNTS if bind else ():
         path = root / name
         try:
@@ -191,18 +218,31 @@ def run_in(root: Path, process: Process, *, bind: bool = True) -> int:
         if is_dir:
             binds.append(name)
     try:
-        return _run(root, process, binds)
+        return _run(root, process, binds, files, network, stdout)
     finally:
-        for path in made:
+        for path in reversed(made):
             with contextlib.suppress(OSError):
-                path.rmdir()
+                if path.is_dir():
+                    path.rmdir()
+                else:
+                    path.unlink()
 
 
-def _run(root: Path, process: Process, binds: list[str]) -> int:
+def _lstat_mode(path: Path) -> int:
+    """The mode of `path` itself, 0 if it does not exist."""
+    try:
+        return os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+def _run(root: Path, process: Process, binds: list[str], files: list[str], network: bool,
+         stdout: int | None) -> int:
     try:
         child = subprocess.Popen(
-            process.argv, env=process.env, close_fds=True,
-            preexec_fn=lambda: _enter(str(root), process, binds),
+            process.argv, env=process.env, close_fds=True, stdout=stdout,
+            stderr=subprocess.STDOUT if stdout is not None else None,
+            preexec_fn=lambda: _enter(str(root), process, binds, files, network),
         )
     except subprocess.SubprocessError as exc:
         raise LayerfsError(f"{process.argv[0]}: cannot start in the container: {exc}") from None

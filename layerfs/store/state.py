@@ -35,6 +35,9 @@ class State:
     aliases: dict[Digest, Digest] = field(default_factory=dict)
     """Another manifest of an image already stored (say, the same image loaded from a docker
     archive) → the image's own manifest."""
+    build_cache: dict[str, Digest] = field(default_factory=dict)
+    """A build step (the digest of its parent image, instruction and inputs) → the image it
+    made. An entry whose image is gone is a miss."""
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -54,6 +57,8 @@ class State:
                          for k, v in doc.get("indexes", {}).items()},
                 aliases={parse_digest(k): parse_digest(v)
                          for k, v in doc.get("aliases", {}).items()},
+                build_cache={str(k): parse_digest(v)
+                             for k, v in doc.get("build_cache", {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"{path}: store index is damaged: {exc}") from None
@@ -67,6 +72,8 @@ class State:
             },
             "indexes": dict(sorted(self.indexes.items())),
             "aliases": dict(sorted(self.aliases.items())),
+            "build_cache": {k: v for k, v in sorted(self.build_cache.items())
+                            if v in self.images},
         }
         atomic.write_file(path, json.dumps(doc, indent=1).encode() + b"\n")
 
