@@ -367,3 +367,14 @@ def test_bad_input_is_one_line(store: ContainerStore, tmp_path: Path, dockerfile
     assert len(lines) == 1 and lines[0].startswith("layerfs: "), lines
     assert message in lines[0], lines[0]
     assert "bad" not in json.dumps(store.images_json())
+
+
+def test_healthcheck_and_maintainer_are_recorded(store: ContainerStore, tmp_path: Path) -> None:
+    dockerfile = ("FROM bb:base\nMAINTAINER Jane <jane@example.com>\n"
+                  "HEALTHCHECK --interval=30s --retries=3 CMD wget -q localhost || exit 1\n")
+    build(store, context(tmp_path, dockerfile), "-t", "hc")
+    config = store.image("hc").config
+    assert config["author"] == "Jane <jane@example.com>"
+    assert config["config"]["Healthcheck"] == {
+        "Test": ["CMD-SHELL", "wget -q localhost || exit 1"], "Interval": 30 * 10**9,
+        "Retries": 3}

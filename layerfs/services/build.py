@@ -388,7 +388,7 @@ class Builder:
         self._metadata(state, instruction, f"ENTRYPOINT {json.dumps(argv)}", change)
 
     def _do_healthcheck(self, state: _StageState, instruction: Instruction) -> None:
-        check = _healthcheck(instruction, state.shell, self._where(instruction))
+        check = _healthcheck(instruction, self._where(instruction))
 
         def change() -> None:
             state.container_config["Healthcheck"] = check
@@ -714,53 +714,16 @@ def _os_text(exc: OSError, root: Path) -> str:
     return str(exc.strerror or exc)
 
 
-def _healthcheck(instruction: Instruction, shell: list[str], where: str) -> dict[str, Any]:
-    words = instruction.args.split(None, 1)
-    if words and words[0].upper() == "NONE":
-        return {"Test": ["NONE"]}
-    if not words or words[0].upper() != "CMD" or len(words) < 2:
-        raise DockerfileError(f"{where}: HEALTHCHECK needs CMD and a command, or NONE")
-    rest = words[1].strip()
+def _healthcheck(instruction: Instruction, where: str) -> dict[str, Any]:
+    """The config's Healthcheck: docker leaves out the durations that are not set."""
     try:
-        parsed = json.loads(rest) if rest.startswith("[") else None
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, list) and all(isinstance(a, str) for a in parsed):
-        test = ["CMD", *parsed]
-    else:
-        test = ["CMD-SHELL", rest]
-    check: dict[str, Any] = {"Test": test}
-    for name, value in instruction.flags:
-        key = {"interval": "Interval", "timeout": "Timeout", "start-period": "StartPeriod",
-               "start-interval": "StartInterval", "retries": "Retries"}.get(name)
-        if key is None:
-            raise DockerfileError(f"{where}: HEALTHCHECK: unknown flag --{name}")
-        if key == "Retries":
-            if not value.isdigit():
-                raise DockerfileError(f"{where}: HEALTHCHECK --retries: not a number: {value}")
-            check[key] = int(value)
-        else:
-            check[key] = _duration_ns(value, where)
-    return check
-
-
-_UNITS = {"ns": 1, "us": 1000, "ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
-
-
-def _duration_ns(text: str, where: str) -> int:
-    """Go's time.ParseDuration, for what HEALTHCHECK takes (`30s`, `1m30s`, `500ms`)."""
-    total = 0.0
-    rest = text
-    if not rest:
-        raise DockerfileError(f"{where}: invalid duration {text!r}")
-    while rest:
-        number = ""
-        while rest and (rest[0].isdigit() or rest[0] == "."):
-            number, rest = number + rest[0], rest[1:]
-        unit = ""
-        while rest and rest[0].isalpha():
-            unit, rest = unit + rest[0], rest[1:]
-        if not number or unit not in _UNITS:
-            raise DockerfileError(f"{where}: invalid duration {text!r}")
-        total += float(number) * _UNITS[unit]
-    return int(total)
+        check = arguments.healthcheck(instruction)
+    except ValueError as exc:
+        raise DockerfileError(f"{where}: {exc}") from None
+    out: dict[str, Any] = {"Test": list(check.test)}
+    for key, value in (("Interval", check.interval), ("Timeout", check.timeout),
+                       ("StartPeriod", check.start_period),
+                       ("StartInterval", check.start_interval), ("Retries", check.retries)):
+        if value:
+            out[key] = value
+    return out
