@@ -329,7 +329,10 @@ class Builder:
                 volumes[path] = {}
             state.container_config["Volumes"] = volumes
 
-        self._metadata(state, instruction, f"VOLUME {json.dumps(paths)}", change)
+        # the mountpoints exist in the image, as buildah makes them (and docker's classic
+        # builder, through the next RUN's container)
+        self._dirs_step(state, instruction, f"VOLUME {json.dumps(paths)}", change,
+                        paths, "")
 
     def _do_user(self, state: _StageState, instruction: Instruction) -> None:
         user = self._expand(instruction, instruction.args, state.substitution())
@@ -404,14 +407,30 @@ class Builder:
         def change() -> None:
             state.container_config["WorkingDir"] = workdir
 
-        def make(root: Path) -> None:
-            rootpath.make_dirs(str(root), workdir, 0o755, 0, 0)
+        # made for the USER in force, as buildkit and buildah make it
+        user = state.container_config.get("User") or ""
+        self._dirs_step(state, instruction, f"WORKDIR {workdir}", change, [workdir], user)
 
-        if self._cached(state, instruction, f"WORKDIR {workdir}", ""):
+    def _dirs_step(self, state: _StageState, instruction: Instruction, shown: str,
+                   change: Callable[[], None], paths: list[str], user: str) -> None:
+        """A config change that also makes directories where the image lacks them (WORKDIR,
+        VOLUME): a layer if it made one, else a step like any other config change."""
+        if self._cached(state, instruction, shown, ""):
             return
-        key = self._key(state, f"WORKDIR {workdir}", "")
+        key = self._key(state, shown, "")
         change()
-        image = self._in_container(state, instruction, make, f"{NOP}WORKDIR {workdir}",
+
+        def make(root: Path) -> None:
+            uid, gid = 0, 0
+            if user:
+                try:
+                    uid, gid, _groups, _home = run_service.user_of(root, user)
+                except LayerfsError as exc:
+                    raise BuildError(f"{self._where(instruction)}: {exc}") from None
+            for path in paths:
+                rootpath.make_dirs(str(root), path, 0o755, uid, gid)
+
+        image = self._in_container(state, instruction, make, f"{NOP} {shown}",
                                    keep_empty=False)
         self._done(state, key, image)
 
