@@ -206,6 +206,10 @@ class Builder:
                 stage.from_, name)
         self.report(f" ---> {base.short_id}")
         state = _StageState(stage, base, copy.deepcopy(base.config.doc))
+        env = state.container_config.get("Env") or []
+        if not any(str(e).startswith("PATH=") for e in env):
+            # docker and buildah give an image without a PATH (scratch) the default one
+            state.container_config["Env"] = [f"PATH={run_service.DEFAULT_PATH}", *env]
         triggers = [str(t) for t in state.container_config.get("OnBuild") or []]
         if triggers:
             state.container_config["OnBuild"] = None
@@ -329,10 +333,10 @@ class Builder:
                 volumes[path] = {}
             state.container_config["Volumes"] = volumes
 
-        # the mountpoints exist in the image, as buildah makes them (and docker's classic
-        # builder, through the next RUN's container)
-        self._dirs_step(state, instruction, f"VOLUME {json.dumps(paths)}", change,
-                        paths, "")
+        # only the config, as buildkit: docker's classic builder and buildah make the
+        # mountpoints only in the containers of later RUN steps, so they show or not
+        # depending on what follows
+        self._metadata(state, instruction, f"VOLUME {json.dumps(paths)}", change)
 
     def _do_user(self, state: _StageState, instruction: Instruction) -> None:
         user = self._expand(instruction, instruction.args, state.substitution())
