@@ -1,46 +1,62 @@
-"""`layerfs build` next to buildah (`bud --isolation chroot --storage-driver vfs`) on the same
-Dockerfiles over the official busybox image: the final trees (types, modes, owners, sizes,
-link targets, contents) and the config fields must be equal.
+"""`layerfs build` next to buildah (`bud --isolation chroot --storage-driver vfs`) on the
+twelve Dockerfiles of `benchmarks.build_corpus` over busybox, Alpine and Debian: the final
+trees (types, modes, owners, sizes, link targets, contents, xattrs) and the config fields
+must be equal.
 
-buildah never pulls (`--pull-never`): both tools load the image from the same OCI layout.
+buildah writes docker's image format (`--format docker`), in which it honours SHELL as docker
+does, and never pulls (`--pull-never`): busybox comes to both tools from the official OCI
+layout; Alpine and Debian are imported by layerfs from their rootfs tarballs and reach
+buildah through `layerfs save`, so both start from the same bytes and config.
+
 What buildah adds for its own runtime is left out of the comparison, each with its reason in
-BUILDAH_RUNTIME. Two known differences are kept out of the Dockerfiles, and layerfs follows
-docker in both: buildah makes a WORKDIR's directory only if a RUN follows (docker always
-makes it), and makes VOLUME mountpoints in the image when a RUN follows (buildkit never does).
+BUILDAH_RUNTIME; files that record the time they were written, or whose new content buildah
+misses, are compared but for their contents (STAMPED). Two known differences are kept out of
+the Dockerfiles, and layerfs follows docker in both: buildah makes a WORKDIR's directory only
+if a RUN follows (docker always makes it), and makes VOLUME mountpoints in the image when a
+RUN follows (buildkit never does).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
-import tarfile
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from benchmarks.build_corpus import ALPINE, BASE_CHANGES, BUSYBOX, CASES, write_context
 from tests.containertools import ContainerStore
-from tests.imagetools import IMAGES
+from tests.imagetools import IMAGES, debian_tarball
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+
 LAYOUT = IMAGES / "busybox-1.38.0-musl-amd64-oci"
-BASE = "busybox:1.38.0-musl"
+ALPINE_TARBALL = IMAGES / "alpine-minirootfs-3.20.3-x86_64.tar.gz"
 BUILDAH_RUNTIME = {
     "etc/hostname", "etc/hosts", "etc/resolv.conf",  # files buildah binds into each RUN
     "run",  # buildah's runtime dir (/run/.containerenv)
     "proc", "sys",  # mountpoints layerfs makes for a RUN and removes after it
 }
+STAMPED = {
+    "var/log/dpkg.log",  # a line per action, with its time
+    # groupadd backs /etc/group up to group- with the old file's size and mtime, which are
+    # the base's group-'s too: buildah's vfs layer diff compares only size and mtime and
+    # keeps the base's content (a chroot on a plain directory gets what layerfs gets)
+    "etc/group-",
+}
 CONFIG_FIELDS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts",
                  "Volumes", "StopSignal")
+BY_NAME = {case.name: case for case in CASES}
 
-pytestmark = pytest.mark.skipif(shutil.which("buildah") is None or not LAYOUT.is_dir(),
-                                reason="buildah or the busybox OCI layout is missing")
+pytestmark = pytest.mark.skipif(
+    shutil.which("buildah") is None or not LAYOUT.is_dir() or not ALPINE_TARBALL.is_file(),
+    reason="buildah, the busybox OCI layout or the Alpine minirootfs is missing")
 
 
 class Buildah:
@@ -67,33 +83,53 @@ class Buildah:
             self("rm", container)
 
 
+class Bases:
+    """The corpus's base images, each loaded into a tool on first use (both tools share one
+    store each across the module, as a user's builds would)."""
+
+    def __init__(self, store: ContainerStore, buildah: Buildah, work: Path) -> None:
+        self.store, self.buildah, self.work = store, buildah, work
+        self.loaded: set[str] = set()
+
+    def need(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            if name not in self.loaded:
+                self._load(name)
+                self.loaded.add(name)
+
+    def _load(self, name: str) -> None:
+        if name == BUSYBOX:
+            self.store.ok("load", "-i", str(LAYOUT))
+            image_id = self.buildah("pull", f"oci:{LAYOUT}").strip().splitlines()[-1]
+            self.buildah("tag", image_id, name)
+            return
+        tarball = ALPINE_TARBALL if name == ALPINE else debian_tarball()
+        changes = [arg for change in BASE_CHANGES[name] for arg in ("-c", change)]
+        self.store.ok("import", *changes, str(tarball), name, timeout=600)
+        archive = self.work / f"{name.replace(':', '-')}.tar"
+        self.store.ok("save", "-o", str(archive), name)
+        image_id = self.buildah("pull", f"docker-archive:{archive}").strip().splitlines()[-1]
+        self.buildah("tag", image_id, name)
+        archive.unlink()
+
+
 @pytest.fixture(scope="module")
-def buildah(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Buildah]:
+def bases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bases]:
     root = tmp_path_factory.mktemp("buildah")
     tool = Buildah(root)
-    image_id = tool("pull", f"oci:{LAYOUT}").strip().splitlines()[-1]
-    tool("tag", image_id, BASE)
+    store = ContainerStore(root / "layerfs-store")
     try:
-        yield tool
+        yield Bases(store, tool, root)
     finally:
         subprocess.run([*tool.base, "rm", "--all"], capture_output=True)
         subprocess.run([*tool.base, "rmi", "--all", "--force"], capture_output=True)
+        store.cleanup()
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ContainerStore]:
-    s = ContainerStore(tmp_path / "store")
-    s.ok("load", "-i", str(LAYOUT))
-    try:
-        yield s
-    finally:
-        s.cleanup()
-
-
 def snapshot(root: str) -> dict[str, tuple[object, ...]]:
-    """Every path under `root` but BUILDAH_RUNTIME's: type and mode, owner, size, link target
-    and content digest (mtimes differ between any two builds)."""
+    """Every path under `root` but BUILDAH_RUNTIME's: type and mode, owner, size, link target,
+    content digest and xattrs (mtimes differ between any two builds)."""
     out: dict[str, tuple[object, ...]] = {}
     for dirpath, dirs, files in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
@@ -107,91 +143,40 @@ def snapshot(root: str) -> dict[str, tuple[object, ...]]:
             st = os.lstat(path)
             link = os.readlink(path) if os.path.islink(path) else None
             digest = None
-            if os.path.isfile(path) and not link:
+            if os.path.isfile(path) and not link and rel not in STAMPED:
                 with open(path, "rb") as f:
                     digest = hashlib.sha256(f.read()).hexdigest()
             size = st.st_size if digest else None
-            out[rel] = (oct(st.st_mode), st.st_uid, st.st_gid, size, link, digest)
+            xattrs = sorted((key, os.getxattr(path, key, follow_symlinks=False))
+                            for key in os.listxattr(path, follow_symlinks=False))
+            out[rel] = (oct(st.st_mode), st.st_uid, st.st_gid, size, link, digest, xattrs)
     return out
 
 
-def _tar(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in entries.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.uid, info.gid, info.mtime = len(data), 0o750, 7, 8, 1
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-CASES: dict[str, tuple[str, dict[str, bytes]]] = {
-    "users-dirs-and-metadata": ("""\
-FROM busybox:1.38.0-musl
-RUN adduser -D -u 1000 app && rm -rf /etc/motd /usr/sbin
-COPY --chown=app:app --chmod=640 conf/*.conf /etc/app/
-COPY tree /srv/tree
-COPY link /srv/
-USER app
-WORKDIR /home/app/work/deep
-ENV GREETING="hello there" LEVEL=${LEVEL:-3}
-RUN echo "$GREETING $LEVEL" > greeting
-VOLUME /data /cache
-EXPOSE 8080 53/udp
-LABEL org.example.name=demo version=1
-STOPSIGNAL SIGTERM
-ENTRYPOINT ["/bin/sh", "-c"]
-CMD ["echo $GREETING"]
-""", {"conf/a.conf": b"a\n", "conf/b.conf": b"b\n", "conf/c.txt": b"c\n",
-      "tree/x/y": b"y\n", "tree/z": b"z\n", "link": b"target\n"}),
-    "multi-stage-and-args": ("""\
-ARG VARIANT=musl
-FROM busybox:1.38.0-${VARIANT} AS builder
-ARG OUT=/out
-RUN mkdir -p $OUT/bin && echo built > $OUT/bin/tool && chmod 755 $OUT/bin/tool
-FROM scratch
-COPY --from=builder /out/bin/tool /usr/local/bin/tool
-COPY --from=builder /bin/busybox /bin/busybox
-CMD ["/bin/busybox", "sh"]
-""", {}),
-    "add-tarball-and-dockerignore": ("""\
-FROM busybox:1.38.0-musl
-ADD pkg.tar.gz /opt/
-COPY . /ctx/
-RUN ls -R /ctx > /listing && rm /opt/pkg/remove-me
-""", {".dockerignore": b"*.log\nsecret/\n!secret/public\n",
-      "pkg.tar.gz": _tar({"pkg/bin/run": b"#!/bin/sh\n", "pkg/remove-me": b"x"}),
-      "keep.txt": b"k\n", "debug.log": b"l\n", "secret/key": b"s\n", "secret/public": b"p\n"}),
-}
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_same_tree_and_config_as_buildah(name: str, store: ContainerStore, buildah: Buildah,
-                                         tmp_path: Path) -> None:
-    dockerfile, files = CASES[name]
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    (ctx / "Dockerfile").write_text(dockerfile)
-    for rel, data in files.items():
-        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
-        (ctx / rel).write_bytes(data)
-    if name == "users-dirs-and-metadata":
-        os.symlink("link", ctx / "tree" / "rel-link")
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_same_tree_and_config_as_buildah(name: str, bases: Bases, tmp_path: Path) -> None:
+    case = BY_NAME[name]
+    bases.need(case.bases)
+    ctx = write_context(case, tmp_path / "ctx")
     tag = f"peer-{name}"
-    buildah("bud", "--isolation", "chroot", "--pull-never", "--layers", "-t", tag, str(ctx))
-    store.ok("build", "-q", "-t", tag, str(ctx))
+    build_args = [arg for key, value in case.build_args.items()
+                  for arg in ("--build-arg", f"{key}={value}")]
+    bases.buildah("bud", "--isolation", "chroot", "--pull-never", "--layers", "--format",
+                  "docker", *build_args,
+                  "-t", tag, str(ctx))
+    bases.store.ok("build", "-q", *build_args, "-t", tag, str(ctx), timeout=600)
 
-    expected = buildah.tree(tag)
-    with store.mounted(tag, tmp_path / "mnt") as root:
+    expected = bases.buildah.tree(tag)
+    with bases.store.mounted(tag, tmp_path / "mnt") as root:
         actual = snapshot(str(root))
     differing = sorted(p for p in expected.keys() | actual.keys()
                        if expected.get(p) != actual.get(p))
     assert not differing, [(p, expected.get(p), actual.get(p)) for p in differing[:10]]
 
-    theirs = buildah.config(tag)
+    theirs = bases.buildah.config(tag)
     labels = dict(theirs.get("Labels") or {})
     labels.pop("io.buildah.version", None)  # buildah's own label
     theirs["Labels"] = labels or None
-    ours = store.image(tag).config["config"]
+    ours = bases.store.image(tag).config["config"]
     for field in CONFIG_FIELDS:
         assert (ours.get(field) or None) == (theirs.get(field) or None), field

@@ -12,7 +12,8 @@ container's root, with docker's rules.
   are looked up in the container's /etc/passwd and /etc/group; `--chmod` sets the mode.
   Symlinks inside a copied directory stay symlinks.
 - ADD of a local tar archive (plain, gzip, bzip2, xz) unpacks it, owners and modes kept, each
-  member resolved inside the root; ADD of a URL downloads one file (mode 0600).
+  member resolved inside the root, its PAX xattrs set; ADD of a URL downloads one file
+  (mode 0600).
 
 `checksum` hashes what a COPY would take (names, types, modes, contents), which is the build
 cache's key for the step: an edited file makes a new step, a touched one does not.
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING
 from layerfs.dockerfile.ignore import IgnoreRules, has_magic, match
 from layerfs.errors import BuildError
 from layerfs.services import rootpath
+from layerfs.tarlayer.read import member_xattrs
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -303,4 +305,9 @@ def _unpack_member(tar: tarfile.TarFile, member: tarfile.TarInfo, container_root
         return
     os.lchown(path, member.uid, member.gid)
     os.chmod(path, member.mode & 0o7777)
+    for xname, data in member_xattrs(member):  # after chown, which clears a capability
+        try:
+            os.setxattr(path, xname, data, follow_symlinks=False)
+        except OSError as exc:
+            raise BuildError(f"{member.name}: xattr {xname}: {exc.strerror}") from None
     os.utime(path, (member.mtime, member.mtime))

@@ -72,6 +72,15 @@ _XATTR_SKIPPABLE: Final = frozenset({errno.ENOTSUP, errno.EPERM, errno.EACCES, e
 _FILE_TYPES: Final = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
 
 
+def member_xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    """The xattrs of a tar member (PAX `SCHILY.xattr.*`), in the order to set them:
+    security.capability last, as writing data or changing the owner clears it."""
+    items = [(key[len(_XATTR_PREFIX) :], value.encode("utf-8", "surrogateescape"))
+             for key, value in member.pax_headers.items() if key.startswith(_XATTR_PREFIX)]
+    items.sort(key=lambda item: item[0] == CAPABILITY)
+    return items
+
+
 @dataclass(frozen=True, slots=True)
 class UnpackLimits:
     """Bounds on what a layer may claim; past them it is refused as absurd."""
@@ -658,17 +667,13 @@ class _Unpacker:
         if not _has_xattrs(member):
             return
         items: list[tuple[str, bytes]] = []
-        for key, value in member.pax_headers.items():
-            if key.startswith(_XATTR_PREFIX):
-                xname = key[len(_XATTR_PREFIX) :]
-                if is_private(xname.encode("utf-8", "surrogateescape")):
-                    # The overlay's own xattrs (opaque, redirect) come from whiteout
-                    # entries only: a tar may not steer the overlay directly.
-                    self._counts.dropped.append(f"{label}: xattr {xname}: overlay-private")
-                    continue
-                items.append((xname, value.encode("utf-8", "surrogateescape")))
-        # security.capability last: writing data or changing the owner clears it.
-        items.sort(key=lambda item: item[0] == CAPABILITY)
+        for xname, data in member_xattrs(member):
+            if is_private(xname.encode("utf-8", "surrogateescape")):
+                # The overlay's own xattrs (opaque, redirect) come from whiteout
+                # entries only: a tar may not steer the overlay directly.
+                self._counts.dropped.append(f"{label}: xattr {xname}: overlay-private")
+                continue
+            items.append((xname, data))
         # A name without an fd is set through its parent's fd, never following the leaf.
         path = b"/proc/self/fd/%d/%s" % (fd, leaf) if leaf is not None else None
         for xname, data in items:
