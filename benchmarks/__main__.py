@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks [all|overlay|images|syscalls] [--quick] [--runs N]
+"""Command line: `python -m benchmarks [all|overlay|images|syscalls|build] [--quick] [--runs N]
 [--skip SYSTEM] [--only ROW] [--out DIR] ...`; without a command, `all` (both suites and one
 summary)."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import all_suites, images, overlay, syscall_counts
+from benchmarks import all_suites, builds, images, overlay, syscall_counts
 
-COMMANDS = ("all", "overlay", "images", "syscalls")
+COMMANDS = ("all", "overlay", "images", "syscalls", "build")
 
 
 def main(argv: list[str]) -> int:
@@ -31,11 +31,17 @@ def main(argv: list[str]) -> int:
         commands.add_parser("syscalls", help="syscalls per copy-up, create, chmod and unlink "
                             "in the daemons of layerfs-overlay and fuse-overlayfs (strace)")
     )
+    builds.add_arguments(
+        commands.add_parser("build", help="the Dockerfile corpus built cold, fully cached and "
+                            "after a one-line change, by layerfs build and buildah bud")
+    )
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["all", *argv]  # no command: `all`, with whatever options were given
     args = parser.parse_args(argv)
     if args.command == "images":
         return images.main(args)
+    if args.command == "build":
+        return builds.main(args)
     if args.command == "syscalls":
         return syscall_counts.main(args)
     if args.command == "overlay":

@@ -56,7 +56,7 @@ class Inputs:
 def ensure_inputs(cache_dir: Path, tarball: Path, change_count: int) -> Inputs:
     """Return the cached inputs, building the tarball, the layout and the change list as needed."""
     if not tarball.exists():
-        _build_tarball(tarball)
+        build_tarball(tarball)
     root = cache_dir / f"images-v{LAYOUT_VERSION}"
     stat = tarball.stat()
     key = {"tarball": str(tarball), "bytes": stat.st_size, "mtime": int(stat.st_mtime)}
@@ -77,7 +77,7 @@ def ensure_inputs(cache_dir: Path, tarball: Path, change_count: int) -> Inputs:
     return Inputs(tarball, root / "oci", changes, one_change, facts)
 
 
-def _build_tarball(tarball: Path) -> None:
+def build_tarball(tarball: Path) -> None:
     print(f"building {tarball} with mmdebstrap (once; needs the network)...", flush=True)
     partial = tarball.with_name(tarball.stem + ".tmp.tar")
     tarball.parent.mkdir(parents=True, exist_ok=True)
