@@ -39,13 +39,13 @@ from benchmarks.overlay import (
     _run_dir,
     handle_signals,
 )
-from benchmarks.procs import CommandError, own_forkserver, run
+from benchmarks.procs import REPO_ROOT, CommandError, own_forkserver, run
 from benchmarks.systems import _version_of
 
 if TYPE_CHECKING:
     import argparse
 
-DEFAULT_LAYERFS = Path("/work/main/.venv/bin/layerfs")
+DEFAULT_LAYERFS = REPO_ROOT / ".venv" / "bin" / "layerfs"
 FULL_CHANGES, QUICK_CHANGES = 10_000, 1_000
 FULL_MOUNT_SAMPLES, QUICK_MOUNT_SAMPLES = 3, 1
 # Every module a layerfs command imports (the CLI loads command modules lazily) and our own child.

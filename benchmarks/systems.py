@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from benchmarks import mounts
-from benchmarks.procs import CommandError, run
+from benchmarks.procs import REPO_ROOT, CommandError, run
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 MOUNT_DEADLINE = 60.0  # seconds for a mount command to return and its mount to appear
 
-DEFAULT_LAYERFS = Path("/work/main/.venv/bin/layerfs-overlay")
+DEFAULT_LAYERFS = REPO_ROOT / ".venv" / "bin" / "layerfs-overlay"
 NO_FSYNC = "layerfs-fsync=0"
 FSYNC_ROWS = ("copy_up*", "sqlite")
 """The groups where layerfs fsyncs copied-up data (so `fsync=0` differs from the default)."""
