@@ -1,55 +1,102 @@
 """The owner of the overlay's on-disk xattr names (the kernel overlayfs format).
 
-Mounts as root use the `trusted.overlay.` namespace, as the kernel does; `user.overlay.` names
-are plain xattrs there, as they are to the kernel without `userxattr` (rootless layers mark
-opaque directories with `.wh..wh..opq`, which the engine reads from the listing).
+The kernel's overlayfs keeps its own xattrs (opaque, redirect, metacopy) in one of two
+namespaces, chosen per mount: `trusted.overlay.`, which only CAP_SYS_ADMIN may read or write,
+and, with the `userxattr` mount option, `user.overlay.`, which is how an unprivileged user's
+overlay works. A process uses one of them (`active()`): `trusted` as root of the machine,
+`user` otherwise or when a mount asks for it (`select`). In the user namespace the kernel turns
+redirects and metacopy off (`userxattr` implies `redirect_dir=nofollow,metacopy=off`), so a
+directory with lower parts cannot be renamed (EXDEV) and chmod copies a file's data up: the
+same dirs then mount the same way under the kernel. Names of the other namespace are plain
+xattrs, as they are to the kernel.
 
-Names under `trusted.overlay.` on disk are the overlay's own and never shown, with one exception
-that the kernel (6.7 and later) defines: a user may store an xattr named `trusted.overlay.X`
-through the mount, which lands on disk *escaped* as `trusted.overlay.overlay.X`, and is shown
-unescaped again. `to_real`/`to_visible` are the two directions of that mapping.
-`trusted.overlay.layerfs.ino` is our own: the inode number a copied-up file had in its lower
-layer, so that `st_ino` survives copy-up and remount. The kernel ignores names it does not know.
+Names under the active prefix on disk are the overlay's own and never shown, with one
+exception that the kernel (6.7 and later) defines: a user may store an xattr named
+`PREFIX.X` through the mount, which lands on disk *escaped* as `PREFIX.overlay.X`, and is
+shown unescaped again. `to_real`/`to_visible` are the two directions of that mapping.
+`PREFIX.layerfs.ino` is our own: the inode number a copied-up file had in its lower layer, so
+that `st_ino` survives copy-up and remount. The kernel ignores names it does not know.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 
 from layerfs import realfs
 
-TRUSTED_PREFIX = b"trusted.overlay."
-
-OPAQUE = "trusted.overlay.opaque"
-REDIRECT = "trusted.overlay.redirect"
-ORIGIN_INO = "trusted.overlay.layerfs.ino"
-METACOPY = "trusted.overlay.metacopy"
 CAPABILITY = "security.capability"
 
 
+class XattrFormat:
+    """The overlay's xattr names in one namespace (`trusted` or `user`)."""
 
-_ESCAPED_PREFIX = b"trusted.overlay.overlay."
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.prefix = f"{namespace}.overlay.".encode()
+        self.escaped_prefix = self.prefix + b"overlay."
+        self.opaque = f"{namespace}.overlay.opaque"
+        self.redirect = f"{namespace}.overlay.redirect"
+        self.metacopy = f"{namespace}.overlay.metacopy"
+        self.origin_ino = f"{namespace}.overlay.layerfs.ino"
+        # as the kernel with userxattr: no redirects, no metadata-only copies
+        self.moves_merged_dirs = namespace == "trusted"
+        self.copies_meta_only = namespace == "trusted"
+
+    def __repr__(self) -> str:
+        return f"XattrFormat({self.namespace!r})"
+
+
+TRUSTED = XattrFormat("trusted")
+USER = XattrFormat("user")
+
+
+def _is_machine_root() -> bool:
+    """Root in the machine's user namespace: the one that may write trusted.* xattrs."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            return f.read().split() == [b"0", b"0", b"4294967295"]
+    except OSError:
+        return True
+
+
+_active = TRUSTED if _is_machine_root() else USER
+
+
+def active() -> XattrFormat:
+    return _active
+
+
+def select(fmt: XattrFormat) -> None:
+    """Use `fmt` in this process from now on (a mount's `userxattr` option)."""
+    global _active
+    _active = fmt
 
 
 def to_real(name: bytes) -> bytes:
     """The on-disk name of an xattr a user names through the mount."""
-    if name.startswith(TRUSTED_PREFIX):
-        return _ESCAPED_PREFIX + name[len(TRUSTED_PREFIX) :]
+    fmt = _active
+    if name.startswith(fmt.prefix):
+        return fmt.escaped_prefix + name[len(fmt.prefix) :]
     return name
 
 
 def to_visible(real: bytes) -> bytes | None:
     """The name a user sees for an on-disk xattr; None for the overlay's private ones."""
-    if real.startswith(_ESCAPED_PREFIX):
-        return TRUSTED_PREFIX + real[len(_ESCAPED_PREFIX) :]
-    if real.startswith(TRUSTED_PREFIX):
+    fmt = _active
+    if real.startswith(fmt.escaped_prefix):
+        return fmt.prefix + real[len(fmt.escaped_prefix) :]
+    if real.startswith(fmt.prefix):
         return None
     return real
 
 
 def is_private(real: bytes) -> bool:
     """True for on-disk names that belong to the overlay and are never copied or shown."""
-    return real.startswith(TRUSTED_PREFIX) and not real.startswith(_ESCAPED_PREFIX)
+    fmt = _active
+    return real.startswith(fmt.prefix) and not real.startswith(fmt.escaped_prefix)
 
 
 def get_xattr(path: bytes, name: str) -> bytes | None:
@@ -64,39 +111,47 @@ def get_xattr(path: bytes, name: str) -> bytes | None:
 
 def is_opaque_dir(path: bytes) -> bool:
     """The xattr form of opacity; the `.wh..wh..opq` form is seen in the listing."""
-    return get_xattr(path, OPAQUE) == b"y"
+    return get_xattr(path, _active.opaque) == b"y"
 
 
 def redirect_of(path: bytes) -> bytes | None:
-    return get_xattr(path, REDIRECT)
+    fmt = _active
+    return get_xattr(path, fmt.redirect) if fmt.moves_merged_dirs else None
 
 
 def is_metacopy(path: bytes) -> bool:
     """An upper file that holds metadata only: its data is the lower file's (kernel format)."""
-    return get_xattr(path, METACOPY) is not None
+    fmt = _active
+    return fmt.copies_meta_only and get_xattr(path, fmt.metacopy) is not None
 
 
 def set_metacopy(path: bytes) -> None:
-    realfs.setxattr(path, METACOPY, b"")
+    realfs.setxattr(path, _active.metacopy, b"")
 
 
 def origin_ino(path: bytes) -> int | None:
-    raw = get_xattr(path, ORIGIN_INO)
+    raw = get_xattr(path, _active.origin_ino)
     if raw is None or len(raw) != 8:
         return None
     return int.from_bytes(raw, "little")
 
 
 def set_origin_ino(path: bytes, ino: int) -> None:
-    realfs.setxattr(path, ORIGIN_INO, ino.to_bytes(8, "little"))
+    try:
+        realfs.setxattr(path, _active.origin_ino, ino.to_bytes(8, "little"))
+    except PermissionError:
+        # user.* xattrs exist on files and directories only: a symlink, fifo or device
+        # copied up in the user format gets a new st_ino at the next mount (as in the kernel)
+        if _active is TRUSTED:
+            raise
 
 
 def set_opaque(path: bytes) -> None:
-    realfs.setxattr(path, OPAQUE, b"y")
+    realfs.setxattr(path, _active.opaque, b"y")
 
 
 def set_redirect(path: bytes, target: bytes) -> None:
-    realfs.setxattr(path, REDIRECT, target)
+    realfs.setxattr(path, _active.redirect, target)
 
 
 def user_xattrs(path: bytes) -> list[tuple[str, bytes]]:

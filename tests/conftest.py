@@ -1,7 +1,8 @@
 """Shared pytest configuration: the `--long` option for the long differential run and the
 whole filesystem matrix, a fork server runtime dir of the run's own, the scratch filesystems
 of the matrix, and an empty store driven through the `layerfs` command (the container tests
-have their own `store`, with an image in it)."""
+have their own `store`, with an image in it), and a real unprivileged user for the rootless
+tests."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from layerfs.cli.forkserver_client import stop_servers
 from tests.fsmatrix import ScratchFilesystems
 from tests.imagetools import Store
+from tests.rootless import RootlessUser, create_user, remove_user
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -73,3 +75,13 @@ def store(tmp_path: Path) -> Iterator[Store]:
         yield s
     finally:
         s.cleanup()
+
+
+@pytest.fixture(scope="session")
+def rootless_user() -> Iterator[RootlessUser]:
+    """A real unprivileged user, made for the run and removed after it (tests/rootless.py)."""
+    user = create_user()
+    try:
+        yield user
+    finally:
+        remove_user(user)

@@ -150,16 +150,29 @@ def _set_layer_times(root: Path, mtime_ns: int) -> None:
     os.utime(root, ns=(mtime_ns, mtime_ns))
 
 
-def build_layers(base: Path) -> list[Path]:
-    """Build the three pristine lower layers under `base`; returns them top first."""
+def build_layers(base: Path, *, userxattr: bool = False) -> list[Path]:
+    """Build the three pristine lower layers under `base`; returns them top first.
+    `userxattr`: the overlay's xattrs in the `user.overlay.` namespace (a rootless format)."""
     builders = {"l1": _build_l1, "l2": _build_l2, "l3": _build_l3}
     layers = []
     for name in LAYER_NAMES:
         root = _dir(base / name)
         builders[name](root)
+        if userxattr:
+            _to_user_namespace(root)
         _set_layer_times(root, _LAYER_MTIME_NS[name])
         layers.append(root)
     return layers
+
+
+def _to_user_namespace(root: Path) -> None:
+    for dirpath, dirs, files in os.walk(root):
+        for path in [dirpath, *(os.path.join(dirpath, n) for n in dirs + files)]:
+            for name in os.listxattr(path, follow_symlinks=False):
+                if name.startswith("trusted.overlay."):
+                    value = os.getxattr(path, name, follow_symlinks=False)
+                    os.setxattr(path, "user." + name.removeprefix("trusted."), value)
+                    os.removexattr(path, name, follow_symlinks=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -180,8 +193,9 @@ def fresh_copy(pristine: list[Path], dest: Path, upper_dest: Path | None = None)
     dest.mkdir()
     subprocess.run(["cp", "-a", *map(str, pristine), str(dest)], check=True)
     # cp -a quietly drops xattrs it cannot copy; the opaque marker is the one that matters.
-    if os.getxattr(dest / "l1/opq", OPAQUE_XATTR) != b"y":
-        raise RuntimeError(f"{dest}: cp -a did not keep {OPAQUE_XATTR}")
+    opaque = [n for n in os.listxattr(dest / "l1/opq") if n.endswith(".overlay.opaque")]
+    if not opaque or os.getxattr(dest / "l1/opq", opaque[0]) != b"y":
+        raise RuntimeError(f"{dest}: cp -a did not keep the opaque marker of l1/opq")
     if upper_dest is None:
         upper_dest = dest
     else:
@@ -250,9 +264,10 @@ def _owned_mount(mnt: Path, unmount: list[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def kernel_overlay(dirs: OverlayDirs) -> Iterator[Path]:
-    """The oracle: the kernel's overlayfs with the features layerfs matches (dir rename, index)."""
-    options = dirs.options() + ",redirect_dir=on,index=on"
+def kernel_overlay(dirs: OverlayDirs, *, userxattr: bool = False) -> Iterator[Path]:
+    """The oracle: the kernel's overlayfs with the features layerfs matches (dir rename, index);
+    `userxattr`: the rootless format instead, where the kernel has neither."""
+    options = dirs.options() + (",userxattr" if userxattr else ",redirect_dir=on,index=on")
     with _owned_mount(dirs.mnt, ["umount", str(dirs.mnt)]):
         result = _run(["mount", "-t", "overlay", "overlay", "-o", options, str(dirs.mnt)])
         if result.returncode != 0:
@@ -275,7 +290,8 @@ def overlay_cmd() -> list[str]:
 
 
 @contextlib.contextmanager
-def fuse_overlay(dirs: OverlayDirs, cmd: list[str], log: Path) -> Iterator[Path]:
+def fuse_overlay(dirs: OverlayDirs, cmd: list[str], log: Path,
+                 extra_options: str = "") -> Iterator[Path]:
     """The system under test: `CMD -o lowerdir=…,upperdir=…,workdir=… MNT`, which returns once
     the mount answers. Its output goes to `log`, not a pipe: a daemon that keeps the pipe open
     would make us wait for it to exit."""
@@ -283,7 +299,7 @@ def fuse_overlay(dirs: OverlayDirs, cmd: list[str], log: Path) -> Iterator[Path]
     with _owned_mount(dirs.mnt, ["fusermount3", "-u", str(dirs.mnt)]):
         with log.open("wb") as out:
             result = subprocess.run(
-                [*cmd, "-o", dirs.options(), str(dirs.mnt)],
+                [*cmd, "-o", dirs.options() + extra_options, str(dirs.mnt)],
                 stdout=out,
                 stderr=out,
                 env=env,

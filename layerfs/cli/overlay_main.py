@@ -64,7 +64,6 @@ _IGNORED = {
     "index",
     "xino",
     "metacopy",
-    "userxattr",
     "volatile_dirs",
     "max_idle_threads",
     "clone_fd",
@@ -132,6 +131,8 @@ def _spec(mountpoint: str, option_args: list[str]) -> OverlaySpec:
                 flags.add(key)
             elif key in ("volatile",):
                 values["fsync"] = "0"
+            elif key == "userxattr":
+                values["userxattr"] = "1"
             elif key not in _IGNORED:
                 raise UsageError(f"{key}: unknown option")
     if "lowerdir" not in values:
@@ -156,6 +157,7 @@ def _spec(mountpoint: str, option_args: list[str]) -> OverlaySpec:
         sync_copy_up=values.get("fsync", "1") != "0",
         passthrough=values.get("passthrough", "1") != "0",
         log_file=values.get("log"),
+        userxattr="userxattr" in values,
     )
 
 

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from layerfs import overlay_xattrs
 from layerfs.errors import MountError
 from layerfs.fuse import channel
 from layerfs.fuse.ops import OverlayOperations
@@ -48,15 +49,28 @@ class OverlaySpec:
     sync_copy_up: bool = True
     passthrough: bool = True
     log_file: str | None = None
+    userxattr: bool = False
+    """The `user.overlay.` on-disk format even as root (it is the only one otherwise)."""
 
 
 def default_fuse_options() -> set[str]:
     """allow_other and the kernel's permission checks: other users and setuid programs
-    use the mount (a chroot); dev and suid as root, since a root filesystem needs both."""
-    options = {"allow_other", "default_permissions"}
+    use the mount (a chroot); dev and suid as root, since a root filesystem needs both.
+    Not root: allow_other only where /etc/fuse.conf lets users ask for it (fusermount3
+    refuses it otherwise), and never dev or suid (fusermount3 would drop them)."""
     if os.geteuid() == 0:
-        options |= {"dev", "suid"}
-    return options
+        return {"allow_other", "default_permissions", "dev", "suid"}
+    if _users_may_allow_other():
+        return {"allow_other", "default_permissions"}
+    return {"default_permissions"}
+
+
+def _users_may_allow_other(conf: str = "/etc/fuse.conf") -> bool:
+    try:
+        with open(conf) as f:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def check_spec(spec: OverlaySpec) -> None:
@@ -112,6 +126,8 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
         if spec.work is not None:
             copyup.clean_work(os.fsencode(spec.work))
             _remove_marker(spec)  # a killed predecessor's
+        if spec.userxattr:
+            overlay_xattrs.select(overlay_xattrs.USER)
         engine = Engine(
             [os.fsencode(p) for p in spec.lowers],
             os.fsencode(spec.upper) if spec.upper is not None else None,

@@ -13,8 +13,9 @@ Permission checks are the kernel's (`default_permissions`); the engine acts with
 rights and gives new objects the caller's owner.
 
 Beyond the kernel's defaults: renaming a directory that has lower parts works (recorded with the
-kernel's `redirect` xattr, as with redirect_dir=on), and copying up one name of a lower
-hard-linked group copies the whole visible group as one upper inode.
+kernel's `redirect` xattr, as with redirect_dir=on; not in the `user.overlay.` format, where
+the kernel has no redirects: EXDEV there, as the kernel answers), and copying up one name of a
+lower hard-linked group copies the whole visible group as one upper inode.
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ class Engine(MergedTree):
         `meta_only`: the caller changes metadata only (chmod, chown, utimes, xattrs), so a
         lower regular file with one link gets a metadata-only copy, as the kernel's
         metacopy=on makes it: a sparse file of the same size marked `trusted.overlay.metacopy`,
-        whose data stays the lower file's until something writes it.
+        whose data stays the lower file's until something writes it. Not in the
+        `user.overlay.` format, where the kernel has no metacopy: the data comes up too.
         """
         if not self.needs_copy_up(node, meta_only=meta_only):
             return
@@ -180,7 +182,7 @@ class Engine(MergedTree):
         assert node.lower_st is not None and node.lower is not None
         st = node.lower_st
         if (meta_only and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size
-                and not node.in_upper):
+                and not node.in_upper and xattrs.active().copies_meta_only):
             tmp = copyup.stage_object(self._work(), node.lower[1], st, data_len=0, sync=False)
             xattrs.set_metacopy(tmp)
             self.finish_copy_up(node, tmp, metacopy=True)
@@ -593,14 +595,23 @@ class Engine(MergedTree):
                 raise os_error(errno.ENOTDIR, new_name)
             if not src.is_dir and dst.is_dir:
                 raise os_error(errno.EISDIR, new_name)
-            if dst.is_dir and dnode is not None and not self.is_empty(dnode):
-                raise os_error(errno.ENOTEMPTY, new_name)
+        if not xattrs.active().moves_merged_dirs and (
+            self._has_lower_parts(snode) or (exchange and self._has_lower_parts(dnode))
+        ):
+            raise os_error(errno.EXDEV, old_name)  # as the kernel's ovl_can_move, no redirects
+        if (dst is not None and not exchange and dst.is_dir and dnode is not None
+                and not self.is_empty(dnode)):
+            raise os_error(errno.ENOTEMPTY, new_name)
         if exchange:
             self._rename_exchange(old_parent, old_name, snode, new_parent, new_name, dnode)
         else:
             self._rename_move(old_parent, old_name, snode, new_parent, new_name, dst, dnode)
         old_parent.changed()
         new_parent.changed()
+
+    @staticmethod
+    def _has_lower_parts(node: Node | None) -> bool:
+        return node is not None and node.is_dir and bool(node.lowers)
 
     def _rename_move(
         self, old_parent: Node, old_name: bytes, snode: Node,

@@ -3,8 +3,10 @@
 Owns: turning the entries of a layer tar (gzip, zstd or plain) into files under a new, empty
 directory, and the diff_id of the tar, computed in the same pass. OCI whiteouts become what
 the kernel's overlayfs reads: `.wh.NAME` a character device 0/0 named NAME, `.wh..wh..opq`
-the xattr `trusted.overlay.opaque=y` on its directory. Where those cannot be made (not root),
-the marker files are kept as they are, which the engine reads as well. Kept from the tar:
+the xattr `trusted.overlay.opaque=y` on its directory (`user.overlay.opaque=y` when not root:
+the kernel's `userxattr` form, see `overlay_xattrs`). Where those cannot be made (a kernel
+before 5.8 refuses the device to users, a filesystem without user xattrs), the marker files
+are kept as they are, which the engine reads as well. Kept from the tar:
 regular files (sparse ones with their holes), directories, symlinks, hard links, device nodes,
 fifos, all permission bits (setuid, setgid, sticky), numeric owners, mtimes (nanoseconds from
 PAX), and xattrs from PAX `SCHILY.xattr.*` records (security.capability written last).
@@ -45,11 +47,12 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Final, TypeVar, cast
 
+from layerfs import overlay_xattrs
 from layerfs.compression import Compression, open_reader
 from layerfs.digest import DiffID, Hasher
 from layerfs.errors import LayerError
 from layerfs.oci.whiteout import is_opaque_marker, is_whiteout_name, whiteout_target
-from layerfs.overlay_xattrs import CAPABILITY, OPAQUE, is_private
+from layerfs.overlay_xattrs import CAPABILITY, is_private
 from layerfs.tarlayer.safedir import DIR_FLAGS, DirWalker, PathRefused
 
 if TYPE_CHECKING:
@@ -620,7 +623,7 @@ class _Unpacker:
             self._counts.opaques += 1
             if not self._opaque_markers:
                 try:
-                    os.setxattr(parent, OPAQUE, b"y")
+                    os.setxattr(parent, overlay_xattrs.active().opaque, b"y")
                     return
                 except OSError as exc:
                     if exc.errno not in (errno.EPERM, errno.ENOTSUP):
