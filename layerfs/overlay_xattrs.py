@@ -26,6 +26,11 @@ import os
 from layerfs import realfs
 
 CAPABILITY = "security.capability"
+OVERRIDE_STAT = "user.containers.override_stat"
+"""containers-storage's record, on a regular file or directory, of the owner and permission
+bits that a rootless store could not give it for real: `UID:GID:0MODE`. fuse-overlayfs reads
+it in the layers whose root directory has one; so do we, in the `user.overlay.` format."""
+_OVERRIDE_NAME = OVERRIDE_STAT.encode()
 
 
 class XattrFormat:
@@ -88,7 +93,7 @@ def to_visible(real: bytes) -> bytes | None:
     fmt = _active
     if real.startswith(fmt.escaped_prefix):
         return fmt.prefix + real[len(fmt.escaped_prefix) :]
-    if real.startswith(fmt.prefix):
+    if real.startswith(fmt.prefix) or (real == _OVERRIDE_NAME and fmt is USER):
         return None
     return real
 
@@ -179,3 +184,37 @@ def user_xattrs(path: bytes) -> list[tuple[str, bytes]]:
             raise
         (cap if name == CAPABILITY else out).append((name, value))
     return out + cap
+
+
+def override_of(path: bytes) -> tuple[int, int, int] | None:
+    """The owner and permission bits an override xattr records; None without one (or a
+    malformed one, which the owner on disk then stands for)."""
+    raw = get_xattr(path, OVERRIDE_STAT)
+    return None if raw is None else parse_override(raw)
+
+
+def parse_override(raw: bytes) -> tuple[int, int, int] | None:
+    parts = raw.split(b":")
+    if len(parts) < 3:
+        return None
+    try:
+        uid, gid, mode = int(parts[0]), int(parts[1]), int(parts[2], 8)
+    except ValueError:
+        return None
+    if not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32 and 0 <= mode <= 0o7777):
+        return None
+    return uid, gid, mode
+
+
+def format_override(uid: int, gid: int, mode: int) -> bytes:
+    return b"%d:%d:0%o" % (uid, gid, mode & 0o7777)
+
+
+def set_override(target: bytes | int, uid: int, gid: int, mode: int) -> None:
+    """Record an owner and permission bits on a file or directory (a path, not followed, or
+    an open descriptor)."""
+    value = format_override(uid, gid, mode)
+    if isinstance(target, int):
+        os.setxattr(target, OVERRIDE_STAT, value)
+    else:
+        realfs.setxattr(target, OVERRIDE_STAT, value)

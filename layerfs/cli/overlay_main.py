@@ -16,6 +16,7 @@ import sys
 
 from layerfs import __version__, build
 from layerfs.errors import LayerfsError, UsageError
+from layerfs.fuse import idmap
 from layerfs.fuse.mount import OverlaySpec, default_fuse_options, mount_overlay
 
 USAGE = "usage: layerfs-overlay [-f] -o lowerdir=L1:L2[,upperdir=U,workdir=W] MOUNTPOINT"
@@ -77,9 +78,6 @@ _IGNORED = {
     "debug",
     "allow_root",
     "fast_ino",
-    "squash_to_root",
-    "uidmapping",
-    "gidmapping",
 }
 _FUSE_FLAGS = {"dev", "nodev", "suid", "nosuid", "allow_other", "default_permissions", "ro"}
 
@@ -123,7 +121,8 @@ def _spec(mountpoint: str, option_args: list[str]) -> OverlaySpec:
     for arg in option_args:
         for item in filter(None, arg.split(",")):
             key, sep, value = item.partition("=")
-            if key in ("lowerdir", "upperdir", "workdir", "fsname", "fsync", "passthrough", "log"):
+            if key in ("lowerdir", "upperdir", "workdir", "fsname", "fsync", "passthrough", "log",
+                       "uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid"):
                 if not sep:
                     raise UsageError(f"{key}: needs a value")
                 values[key] = value
@@ -131,8 +130,8 @@ def _spec(mountpoint: str, option_args: list[str]) -> OverlaySpec:
                 flags.add(key)
             elif key in ("volatile",):
                 values["fsync"] = "0"
-            elif key == "userxattr":
-                values["userxattr"] = "1"
+            elif key in ("userxattr", "squash_to_root"):
+                values[key] = "1"
             elif key not in _IGNORED:
                 raise UsageError(f"{key}: unknown option")
     if "lowerdir" not in values:
@@ -144,6 +143,14 @@ def _spec(mountpoint: str, option_args: list[str]) -> OverlaySpec:
         if negated is not None:
             fuse_options.discard(negated)
         fuse_options.add(flag)
+    try:
+        ids = idmap.from_options(
+            uidmapping=values.get("uidmapping"), gidmapping=values.get("gidmapping"),
+            squash_to_root="squash_to_root" in values,
+            squash_to_uid=values.get("squash_to_uid"), squash_to_gid=values.get("squash_to_gid"),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     upper = values.get("upperdir")
     if "ro" in flags:
         upper = None
@@ -158,6 +165,7 @@ def _spec(mountpoint: str, option_args: list[str]) -> OverlaySpec:
         passthrough=values.get("passthrough", "1") != "0",
         log_file=values.get("log"),
         userxattr="userxattr" in values,
+        ids=ids,
     )
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from layerfs import overlay_xattrs
 from layerfs.errors import MountError
 from layerfs.fuse import channel
+from layerfs.fuse.idmap import IDENTITY, IdMap
 from layerfs.fuse.ops import OverlayOperations
 from layerfs.fuse.session import Session
 from layerfs.overlay import copyup
@@ -51,6 +52,8 @@ class OverlaySpec:
     log_file: str | None = None
     userxattr: bool = False
     """The `user.overlay.` on-disk format even as root (it is the only one otherwise)."""
+    ids: IdMap = IDENTITY
+    """How owners on disk are shown (uidmapping, gidmapping, squash options)."""
 
 
 def default_fuse_options() -> set[str]:
@@ -137,7 +140,7 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
         options = set(spec.fuse_options)
         if spec.upper is None:
             options.add("ro")
-        operations = OverlayOperations(engine, passthrough=spec.passthrough)
+        operations = OverlayOperations(engine, passthrough=spec.passthrough, ids=spec.ids)
         session_signals = (signal.SIGTERM, signal.SIGINT, FREEZE_SIGNAL, THAW_SIGNAL)
         session: Session | None = None
 

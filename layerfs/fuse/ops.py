@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from layerfs.fuse import protocol as P
+from layerfs.fuse.idmap import IDENTITY, IdMap
 from layerfs.fuse.passthrough import BackingFiles
 from layerfs.fuse.session import MAX_WRITE, Defer, Reply, Request
 from layerfs.overlay.nodes import UPPER
@@ -82,9 +83,12 @@ class _Cookies:
 
 
 class OverlayOperations:
-    def __init__(self, engine: Engine, *, passthrough: bool = True) -> None:
+    def __init__(self, engine: Engine, *, passthrough: bool = True,
+                 ids: IdMap = IDENTITY) -> None:
         """`passthrough`: let the kernel read and write files whose data no copy-up can move
-        (all files of a read-only mount, files in the upper) without asking us."""
+        (all files of a read-only mount, files in the upper) without asking us. `ids`: how
+        owners on disk are shown, and callers' ids stored (`layerfs.fuse.idmap`)."""
+        self._ids = ids
         self.lock = threading.Lock()
         self.requests_waiting: Callable[[], bool] = lambda: True  # the session's, once attached
         self.kernel_flags = 0  # the session's, after INIT
@@ -180,8 +184,15 @@ class OverlayOperations:
                 del self._copy_up_locks[node.ino]
 
     def _entry(self, attr: Attr) -> bytes:
+        uid, gid = attr.uid, attr.gid
+        if not self._ids.is_identity:
+            uid, gid = self._ids.shown(uid, gid)
         return P.pack_entry(attr.ino, attr.generation, CACHE_TIMEOUT, attr.st, attr.nlink,
-                            attr.blocks)
+                            attr.blocks, attr.mode, uid, gid)
+
+    def _caller(self, req: Request) -> tuple[int, int]:
+        """The caller's ids as a new object's owner on disk."""
+        return self._ids.on_disk_uid(req.uid), self._ids.on_disk_gid(req.gid)
 
     def _node_entry(self, node: Node) -> bytes:
         if node.in_upper:
@@ -272,8 +283,8 @@ class OverlayOperations:
         result = self._engine.setattr(
             node,
             mode=mode if valid & P.FATTR_MODE else None,
-            uid=uid if valid & P.FATTR_UID else None,
-            gid=gid if valid & P.FATTR_GID else None,
+            uid=self._ids.on_disk_uid(uid) if valid & P.FATTR_UID else None,
+            gid=self._ids.on_disk_gid(gid) if valid & P.FATTR_GID else None,
             size=size if valid & P.FATTR_SIZE else None,
             atime_ns=atime_total,
             mtime_ns=mtime_total,
@@ -293,7 +304,11 @@ class OverlayOperations:
     def access(self, req: Request) -> Reply:
         (mask, _) = P.ACCESS_IN.unpack_from(req.body)
         gids = [req.gid, *_supplementary_groups(req.pid)] if req.uid else [req.gid]
-        self._engine.access(self._node(req.nodeid), mask, req.uid, gids)
+        if not self._ids.is_identity:
+            if self._ids.squash_uid is not None or self._ids.squash_gid is not None:
+                return b""  # the kernel judged the squashed owner already
+            gids = [self._ids.on_disk_gid(g) for g in gids]
+        self._engine.access(self._node(req.nodeid), mask, self._ids.on_disk_uid(req.uid), gids)
         return b""
 
     def statfs(self, req: Request) -> Reply:
@@ -306,18 +321,18 @@ class OverlayOperations:
         mode, rdev, umask, _ = P.MKNOD_IN.unpack_from(req.body)
         name = _name(req.body[P.MKNOD_IN.size:])
         node = self._engine.mknod(self._node(req.nodeid), name, mode, P.decode_dev(rdev),
-                                  req.uid, req.gid, umask)
+                                  *self._caller(req), umask)
         return self._node_entry(node)
 
     def mkdir(self, req: Request) -> Reply:
         mode, umask = P.MKDIR_IN.unpack_from(req.body)
         name = _name(req.body[P.MKDIR_IN.size:])
-        node = self._engine.mkdir(self._node(req.nodeid), name, mode, req.uid, req.gid, umask)
+        node = self._engine.mkdir(self._node(req.nodeid), name, mode, *self._caller(req), umask)
         return self._node_entry(node)
 
     def symlink(self, req: Request) -> Reply:
         name, target = _two_names(req.body)
-        node = self._engine.symlink(self._node(req.nodeid), name, target, req.uid, req.gid)
+        node = self._engine.symlink(self._node(req.nodeid), name, target, *self._caller(req))
         return self._node_entry(node)
 
     def link(self, req: Request) -> Reply:
@@ -400,7 +415,7 @@ class OverlayOperations:
         flags, mode, umask, open_flags = P.CREATE_IN.unpack_from(req.body)
         name = _name(req.body[P.CREATE_IN.size:])
         node, handle, attr = self._engine.create(self._node(req.nodeid), name, mode, flags,
-                                                 req.uid, req.gid, umask)
+                                                 *self._caller(req), umask)
         if open_flags & P.OPEN_KILL_SUIDGID:  # O_TRUNC of an existing file
             self._engine.drop_setid(node)
             attr = self._engine.getattr(node)

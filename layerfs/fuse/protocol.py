@@ -185,16 +185,18 @@ def decode_dev(dev: int) -> int:
 
 
 def pack_entry(
-    ino: int, generation: int, timeout: int, st: os.stat_result, nlink: int, blocks: int
+    ino: int, generation: int, timeout: int, st: os.stat_result, nlink: int, blocks: int,
+    mode: int, uid: int, gid: int,
 ) -> bytes:
-    """A fuse_entry_out for `st` shown with merged number `ino`, valid for `timeout` seconds.
-    (One pack of every field: this runs for every entry of a directory walk.)"""
+    """A fuse_entry_out for `st` shown with merged number `ino` and the owner and mode
+    given, valid for `timeout` seconds. (One pack of every field: this runs for every entry
+    of a directory walk.)"""
     atime, mtime, ctime = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
     rdev = st.st_rdev
     return ENTRY_OUT.pack(
         ino, generation, timeout, timeout, 0, 0,
         ino, st.st_size, blocks, atime // _NS, mtime // _NS, ctime // _NS, atime % _NS,
-        mtime % _NS, ctime % _NS, st.st_mode, nlink, st.st_uid, st.st_gid,
+        mtime % _NS, ctime % _NS, mode, nlink, uid, gid,
         encode_dev(rdev) if rdev else 0, st.st_blksize, 0)
 
 

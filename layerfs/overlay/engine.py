@@ -79,6 +79,34 @@ class Engine(MergedTree):
         # Who the upper filesystem makes our new objects belong to (the daemon's ids).
         self._euid, self._egid = os.geteuid(), os.getegid()
         self._umask = syscalls.process_umask()
+        if self.override_layers and self.upper is not None and self.work is not None:
+            self._mark_upper_overrides()
+
+    def _mark_upper_overrides(self) -> None:
+        """Lowers that keep owners in override xattrs: so does the upper, where chown and
+        new objects of other owners record theirs (its root says so, as the lowers' do)."""
+        assert self.upper is not None
+        if UPPER not in self.override_layers:
+            attr = self.getattr(self.nodes.root)
+            xattrs.set_override(self.upper, attr.uid, attr.gid, attr.mode)
+            self.override_layers = self.override_layers | {UPPER}
+
+    @property
+    def _records_owners(self) -> bool:
+        return UPPER in self.override_layers
+
+    def _give_owner(self, target: bytes | int, kind: int, uid: int, gid: int,
+                    mode: int) -> None:
+        """Make a new or copied-up upper object `uid:gid`'s: for real, or where the upper
+        records owners and the ids are not ours, in its override xattr (files and
+        directories; other kinds keep our owner)."""
+        if not self._records_owners or (uid, gid) == (self._euid, self._egid):
+            if isinstance(target, int):
+                os.fchown(target, uid, gid)
+            else:
+                realfs.chown(target, uid, gid)
+        elif kind in (stat.S_IFREG, stat.S_IFDIR):
+            xattrs.set_override(target, uid, gid, mode)
 
     def drop_setid(self, node: Node) -> None:
         """What a write or truncate by a caller without CAP_FSETID does to the file (the
@@ -111,10 +139,13 @@ class Engine(MergedTree):
         self.copy_up(node, data_len=size, meta_only=size is None)
         node.setgid_group = None
         real = self._upper_path(node)
-        if uid is not None or gid is not None:
-            realfs.chown(real, -1 if uid is None else uid, -1 if gid is None else gid)
-        if mode is not None:
-            realfs.chmod(real, stat.S_IMODE(mode))
+        if (uid is not None or gid is not None or mode is not None) and self._records_owners:
+            self._set_recorded_owner(node, real, uid, gid, mode)
+        else:
+            if uid is not None or gid is not None:
+                realfs.chown(real, -1 if uid is None else uid, -1 if gid is None else gid)
+            if mode is not None:
+                realfs.chmod(real, stat.S_IMODE(mode))
         if size is not None:
             if handle is not None and handle.layer == UPPER and handle.flags & _ACCMODE:
                 os.ftruncate(handle.fd, size)
@@ -127,6 +158,28 @@ class Engine(MergedTree):
                 mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
             realfs.utime(real, ns=(atime_ns, mtime_ns))
         return self.getattr(node)
+
+    def _set_recorded_owner(self, node: Node, real: bytes, uid: int | None, gid: int | None,
+                            mode: int | None) -> None:
+        """chown and chmod where the upper records owners: the mode for real (setuid and
+        the like need it), the owner in the override xattr unless it is ours."""
+        attr = self.getattr(node)
+        new_uid = attr.uid if uid is None else uid
+        new_gid = attr.gid if gid is None else gid
+        new_mode = stat.S_IMODE(attr.mode if mode is None else mode)
+        kind = stat.S_IFMT(attr.mode)
+        if (uid is not None or gid is not None) and kind != stat.S_IFDIR and mode is None:
+            # as chown(2): an owner change clears setuid, and setgid where group-exec is set
+            new_mode &= ~(stat.S_ISUID | (stat.S_ISGID if new_mode & stat.S_IXGRP else 0))
+        if kind != stat.S_IFLNK and (mode is not None or new_mode != stat.S_IMODE(attr.mode)):
+            realfs.chmod(real, new_mode)
+        if kind in (stat.S_IFREG, stat.S_IFDIR):
+            if (new_uid, new_gid) == (attr.st.st_uid, attr.st.st_gid) and \
+                    xattrs.get_xattr(real, xattrs.OVERRIDE_STAT) is None:
+                return
+            xattrs.set_override(real, new_uid, new_gid, new_mode)
+        elif (new_uid, new_gid) != (attr.uid, attr.gid):
+            realfs.chown(real, new_uid, new_gid)
 
     def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0,
                  *, kill_sgid: bool = False) -> None:
@@ -387,7 +440,7 @@ class Engine(MergedTree):
             os.close(realfs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         else:
             realfs.mknod(tmp, kind | 0o600, rdev)
-        realfs.chown(tmp, uid, gid)
+        self._give_owner(tmp, kind, uid, gid, (new.mode | extra) if new is not None else 0o777)
         if new is not None:
             realfs.chmod(tmp, new.mode | extra)
             self._set_acls(tmp, new)
@@ -435,7 +488,7 @@ class Engine(MergedTree):
         # Born with its mode where nothing follows that could widen it meanwhile (a chown)
         # or that the mode would mask: no chmod then.
         born_right = (owner_uid == self._euid and owner_gid == made_gid and new.access is None
-                      and not new.mode & self._masked_bits(parent))
+                      and not new.mode & self._masked_bits(parent) and not self._records_owners)
         try:
             fd = realfs.open(real, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                              | os.O_NOFOLLOW, new.mode if born_right else 0o600)
@@ -447,7 +500,7 @@ class Engine(MergedTree):
         try:
             if not born_right:
                 if uid != self._euid or gid != made_gid:
-                    os.fchown(fd, uid, gid)
+                    self._give_owner(fd, stat.S_IFREG, uid, gid, new.mode)
                 os.fchmod(fd, new.mode)  # after the chown, which would clear setuid and setgid
             self._set_acls(fd, new)
             st = os.fstat(fd)

@@ -41,13 +41,17 @@ _NO_XATTRS: dict[bytes, bytes] = {}
 
 @dataclass(slots=True)
 class Attr:
-    """What `stat` shows for a node: the real object's stat with the merged number."""
+    """What `stat` shows for a node: the real object's stat with the merged number, and the
+    owner and mode, which an override xattr may have changed (`overlay_xattrs.OVERRIDE_STAT`)."""
 
     ino: int
     generation: int
     st: os.stat_result
     nlink: int
     blocks: int
+    uid: int
+    gid: int
+    mode: int
 
 
 @dataclass(slots=True)
@@ -74,6 +78,18 @@ class MergedTree:
         root.in_upper = self.upper is not None
         self.nodes = NodeTable(root)
         self._init_root(root)
+        self.override_layers = self._layers_with_overrides()
+        """The layers (UPPER for the upper) whose owners and modes may be in override xattrs:
+        those whose root has one, as fuse-overlayfs decides, in the `user.overlay.` format."""
+
+    def _layers_with_overrides(self) -> frozenset[int]:
+        if xattrs.active() is not xattrs.USER:
+            return frozenset()
+        roots = [(layer, self.lowers.root(layer)) for layer in range(1, self.lowers.count + 1)]
+        if self.upper is not None:
+            roots.append((UPPER, self.upper))
+        return frozenset(layer for layer, root in roots
+                         if xattrs.get_xattr(root, xattrs.OVERRIDE_STAT) is not None)
 
     def _init_root(self, root: Node) -> None:
         plan = [(layer, self.lowers.root(layer)) for layer in range(1, self.lowers.count + 1)]
@@ -267,7 +283,33 @@ class MergedTree:
         blocks = st.st_blocks
         if node.metacopy and node.lower_st is not None:
             blocks = node.lower_st.st_blocks  # as the kernel: the data's blocks
-        return Attr(node.ino, node.generation, st, nlink, blocks)
+        if self.override_layers:
+            override = self._override(node, st)
+            if override is not None:
+                return Attr(node.ino, node.generation, st, nlink, blocks, override[0],
+                            override[1], stat.S_IFMT(st.st_mode) | override[2])
+        return Attr(node.ino, node.generation, st, nlink, blocks, st.st_uid, st.st_gid,
+                    st.st_mode)
+
+    def _override(self, node: Node, st: os.stat_result) -> tuple[int, int, int] | None:
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return None
+        if node.in_upper:
+            layer = UPPER
+        elif node.is_dir:
+            layer = node.lowers[0][0]
+        else:
+            assert node.lower is not None
+            layer = node.lower[0]
+        if layer not in self.override_layers:
+            return None
+        if node.in_upper and not node.is_dir and not node.links and node.open_fds:
+            try:
+                raw = os.getxattr(node.open_fds[0], xattrs.OVERRIDE_STAT)
+            except OSError:
+                return None
+            return xattrs.parse_override(raw)
+        return xattrs.override_of(self.real_path(node))
 
     def _real_stat(self, node: Node) -> os.stat_result:
         if node.in_upper and not node.is_dir and not node.links and node.open_fds:
@@ -401,17 +443,17 @@ class MergedTree:
             return
         if mode & os.W_OK and self.upper is None:
             raise os_error(errno.EROFS)
-        st = self.getattr(node).st
+        attr = self.getattr(node)
         if uid == 0:
-            if mode & os.X_OK and not node.is_dir and not st.st_mode & 0o111:
+            if mode & os.X_OK and not node.is_dir and not attr.mode & 0o111:
                 raise os_error(errno.EACCES)
             return
-        if st.st_uid == uid:
-            bits = (st.st_mode >> 6) & 7
-        elif st.st_gid in gids:
-            bits = (st.st_mode >> 3) & 7
+        if attr.uid == uid:
+            bits = (attr.mode >> 6) & 7
+        elif attr.gid in gids:
+            bits = (attr.mode >> 3) & 7
         else:
-            bits = st.st_mode & 7
+            bits = attr.mode & 7
         if mode & ~bits & 7:
             raise os_error(errno.EACCES)
 

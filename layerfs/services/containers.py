@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from layerfs.errors import MountError, NotFoundError, StoreError, UsageError
+from layerfs.fuse.idmap import IDENTITY
 from layerfs.fuse.mount import (
     FREEZE_SIGNAL,
     THAW_SIGNAL,
@@ -28,6 +29,7 @@ from layerfs.fuse.mount import (
     mount_overlay,
 )
 from layerfs.overlay.changes import Change, walk_changes
+from layerfs.services import userns
 from layerfs.store import atomic
 from layerfs.store.lock import locked
 from layerfs.store.store import now
@@ -182,6 +184,8 @@ def mount(store: Store, container: Container, image: Image, mountpoint: str, *,
         fsname=f"layerfs:{container.id[:12]}",
         fuse_options=frozenset(default_fuse_options()),
         log_file=str(base / "daemon.log"),
+        # rootless: the image's owners as the ids that stand for them outside (userns.py)
+        ids=IDENTITY if os.geteuid() == 0 else userns.ranges_of_this_user().mount_map(),
     )
     container.mountpoint = real
     if foreground:

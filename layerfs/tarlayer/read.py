@@ -39,6 +39,7 @@ Concurrency: one call unpacks one layer, synchronously, in the calling thread; i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -292,6 +293,8 @@ class _Unpacker:
         finally:
             reader.close()
         self._apply_directory_metadata()
+        if not self._is_root:
+            self._mark_overrides()
         c = self._counts
         if c.owners_dropped:
             c.dropped.append(f"{c.owners_dropped} entries: owners not kept: not root")
@@ -657,14 +660,39 @@ class _Unpacker:
 
     def _owner(self, fd: int, leaf: bytes | None, member: tarfile.TarInfo, label: str) -> None:
         if not self._is_root:
-            # chown to another user needs CAP_CHOWN; owners are counted, reported once.
-            if (member.uid, member.gid) != self._ids:
+            # chown to another user needs CAP_CHOWN: files and directories keep their owner
+            # in the override xattr (as containers-storage does); others lose it, counted
+            if (member.uid, member.gid) != self._ids and not self._record_owner(
+                fd, leaf, member
+            ):
                 self._counts.owners_dropped += 1
             return
         if leaf is None:
             os.fchown(fd, member.uid, member.gid)
         else:
             os.chown(leaf, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
+
+    def _record_owner(self, fd: int, leaf: bytes | None, member: tarfile.TarInfo) -> bool:
+        if not (member.isreg() or member.isdir()):
+            return False  # user.* xattrs exist on files and directories only
+        target = fd if leaf is None else b"/proc/self/fd/%d/%s" % (fd, leaf)
+        try:
+            overlay_xattrs.set_override(target, member.uid, member.gid, member.mode)
+        except OSError as exc:
+            if exc.errno not in _XATTR_SKIPPABLE:
+                raise
+            return False
+        return True
+
+    def _mark_overrides(self) -> None:
+        """Not root: the layer's root says that owners are kept in override xattrs, which
+        is where fuse-overlayfs looks; a tar without a root entry gets root's 0:0."""
+        try:
+            os.getxattr(self._root, overlay_xattrs.OVERRIDE_STAT)
+        except OSError:
+            mode = self._dirs.get((), (0o755, 0))[0]
+            with contextlib.suppress(OSError):
+                overlay_xattrs.set_override(self._root, 0, 0, mode)
 
     def _xattrs(self, fd: int, leaf: bytes | None, member: tarfile.TarInfo, label: str) -> None:
         if not _has_xattrs(member):

@@ -18,6 +18,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
+from layerfs import overlay_xattrs
 from layerfs.oci.whiteout import OPAQUE_MARKER, whiteout_name
 from layerfs.overlay_xattrs import to_visible
 
@@ -96,6 +97,12 @@ def write_layer(entries: Iterable[LayerEntry], out: IO[bytes]) -> int:
             info = tarfile.TarInfo(_name(entry.path))
             info.mode = stat.S_IMODE(st.st_mode)
             info.uid, info.gid = st.st_uid, st.st_gid
+            if overlay_xattrs.active() is overlay_xattrs.USER and (
+                stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+            ):
+                override = overlay_xattrs.override_of(entry.real)
+                if override is not None:  # a rootless store's record of the real owner
+                    info.uid, info.gid, info.mode = override
             info.uname = info.gname = ""
             info.mtime = _clamp(int(st.st_mtime))
             info.pax_headers = _xattr_headers(entry.real)
