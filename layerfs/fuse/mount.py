@@ -79,6 +79,10 @@ def _users_may_allow_other(conf: str = "/etc/fuse.conf") -> bool:
 def check_spec(spec: OverlaySpec) -> None:
     """Refuse, before anything is mounted, what cannot work (MountError, one line)."""
     mnt = spec.mountpoint
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        # fusermount3 opens it with the caller's rights
+        raise MountError("/dev/fuse: this user may not open it (read and write access comes "
+                         "from its mode, its group or an ACL entry)")
     if not os.path.exists(mnt):
         raise MountError(f"{mnt}: mountpoint does not exist")
     if not os.path.isdir(mnt):
@@ -166,7 +170,7 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
             elif signum == THAW_SIGNAL:
                 _remove_marker(spec)
                 session.thaw()
-            else:
+            elif signum in (signal.SIGTERM, signal.SIGINT):
                 signalled = True
                 session.thaw()
                 session.stop()

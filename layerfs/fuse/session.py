@@ -23,7 +23,6 @@ stop, the freeze and thaw signals freeze and thaw (see `mount`).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gc
 import logging
@@ -46,6 +45,8 @@ MAX_WRITE = 1 << 20
 """Largest write (and read) request: 256 pages, the kernel's limit for max_pages."""
 BUFFER_SIZE = MAX_WRITE + 4096
 SPIN_SECONDS = 50e-6
+_SIGNAL_CHECK_EVERY = 64
+"""Requests served between two looks at the signal wakeup pipe while requests keep coming."""
 """How long the loop polls for the next request before it sleeps in poll(2)."""
 WORKERS = 8
 """Threads for deferred requests: big copy-ups, and disk reads and fsyncs while others wait."""
@@ -123,6 +124,7 @@ class Session:
         self._frozen = False
         self._held: list[Request] = []
         self._signals: list[int] = []
+        self._wake_r = -1  # the signal wakeup pipe, while `run` runs
         self._stop = False
         self.loop_thread = threading.get_ident()
         self._queue = select.poll()
@@ -143,6 +145,8 @@ class Session:
         _tune_gc()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self._wake_r = wake_r
+        served = 0
         try:
             os.set_blocking(self._fd, False)
             poller = select.poll()
@@ -150,8 +154,11 @@ class Session:
             poller.register(wake_r, select.POLLIN)
             initialized = False
             while not self._stop:
+                served += 1
+                if not served % _SIGNAL_CHECK_EVERY:
+                    self._drain_wakeup()  # a busy loop never waits in poll to see them
                 if self._signals:
-                    self._take_signals(wake_r, on_signal)
+                    self._take_signals(on_signal)
                     continue
                 n = self._read(view, poller)
                 if n is None:
@@ -173,15 +180,23 @@ class Session:
                 self._pool.shutdown(wait=True)
 
     def catch(self, signum: int) -> None:
-        """A signal handler (it runs on the main thread): note the signal for the loop."""
-        self._signals.append(signum)
+        """The Python-level handler of the session's signals: nothing to do. Their numbers
+        reach the loop through the wakeup pipe, which the C-level handler writes whichever
+        thread the kernel picked; the Python handler runs only once the main thread runs
+        Python code, which the compiled loop may not do for a long time."""
+
+    def _drain_wakeup(self) -> None:
+        """Take the signal numbers that the wakeup pipe holds."""
+        try:
+            data = os.read(self._wake_r, 512)
+        except BlockingIOError:
+            return
+        self._signals.extend(data)
 
     def stop(self) -> None:
         self._stop = True
 
-    def _take_signals(self, wake_r: int, on_signal: Callable[[int], None]) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(wake_r, 512)
+    def _take_signals(self, on_signal: Callable[[int], None]) -> None:
         while self._signals:
             on_signal(self._signals.pop(0))
 
@@ -209,6 +224,7 @@ class Session:
             # Spinning holds the GIL: a worker serving a deferred request would wait for it.
             if now > deadline or self._deferred:
                 poller.poll()
+                self._drain_wakeup()
                 if self._signals:
                     return None
                 deadline = 0.0
