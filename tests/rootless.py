@@ -69,8 +69,8 @@ class RootlessUser:
         # as a login would: the bounding set stays whole, or setuid fusermount3 gets no caps
         cmd = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                "--", *argv]
-        result = subprocess.run(cmd, env=full_env, cwd=cwd or self.work, capture_output=True,
-                                text=True, timeout=timeout, check=False)
+        result = subprocess.run(cmd, env=full_env, cwd=cwd or self.work / "home",
+                                capture_output=True, text=True, timeout=timeout, check=False)
         if check and result.returncode != 0:
             raise AssertionError(f"{argv} as {self.name}: exit {result.returncode}\n"
                                  f"{result.stdout}\n{result.stderr}")
@@ -118,11 +118,21 @@ class RootlessUser:
         self._granted.clear()
 
 
-def create_user() -> RootlessUser:
-    name = f"lfsrl{os.getpid() % 100000}"
+def create_user(suffix: str = "", *, fuse: bool = True, subordinate: bool = True,
+                ) -> RootlessUser:
+    """`fuse`: the right to open /dev/fuse where others lack it; `subordinate`: a range of
+    subordinate ids (useradd gives one; without, it is taken away again)."""
+    name = f"lfsrl{os.getpid() % 100000}{suffix}"
     subprocess.run(["useradd", "--no-create-home", "--home-dir", "/nonexistent",
                     "--shell", "/usr/sbin/nologin", "--user-group", name],
                    check=True, capture_output=True, text=True)
+    if not subordinate:
+        for path, flag in (("/etc/subuid", "--del-subuids"), ("/etc/subgid", "--del-subgids")):
+            for line in Path(path).read_text().splitlines():
+                owner, start, count = line.split(":")
+                if owner == name:
+                    end = int(start) + int(count) - 1
+                    subprocess.run(["usermod", flag, f"{start}-{end}", name], check=True)
     entry = pwd.getpwnam(name)
     work = Path(tempfile.mkdtemp(prefix="layerfs-rootless-", dir="/tmp"))
     os.chmod(work, 0o755)
@@ -131,7 +141,8 @@ def create_user() -> RootlessUser:
         user.mkdirs(work / "home", work / "run", work / "data")
         os.chmod(work / "run", 0o700)
         user.grant_reach(REPO, Path(os.path.realpath(sys.executable)).parent, VENV_BIN)
-        user.grant_fuse()
+        if fuse:
+            user.grant_fuse()
     except BaseException:
         remove_user(user)
         raise

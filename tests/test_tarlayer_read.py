@@ -556,9 +556,10 @@ ROOTLESS_SCRIPT = textwrap.dedent(
             listing = [(str(p.relative_to(dest)), oct(p.lstat().st_mode)) for p in dest.rglob("*")]
             opaque = [str(p.relative_to(dest)) for p in dest.rglob("*")
                       if p.is_dir() and "user.overlay.opaque" in os.listxattr(p)]
-            overrides = {str(p.relative_to(dest)): os.getxattr(p, "user.containers.override_stat").decode()
+            name = "user.containers.override_stat"
+            overrides = {str(p.relative_to(dest)): os.getxattr(p, name).decode()
                          for p in [dest, *dest.rglob("*")]
-                         if "user.containers.override_stat" in os.listxattr(p, follow_symlinks=False)}
+                         if name in os.listxattr(p, follow_symlinks=False)}
             out[key] = {"listing": sorted(listing), "opaque": opaque, "overrides": overrides,
                         "markers_kept": stats.markers_kept, "dropped": list(stats.dropped)}
         except LayerError as exc:
@@ -615,7 +616,7 @@ def test_rootless_writes_the_user_overlay_format_and_refuses_devices(
     # owners that cannot be given: kept in containers-storage's override xattr, as fuse-overlayfs
     # reads it (the layer root says so), so nothing is reported dropped
     assert out["markers"]["dropped"] == []
-    assert out["markers"]["overrides"] == {".": "0:0:0755", "d/x": "1000:0:0644"}
+    assert out["markers"]["overrides"] == {".": "0:0:0755", "d": "0:0:0755", "d/x": "1000:0:0644"}
     assert out["device"]["error"] == (
         "layer: dev/null: cannot create a device node: not permitted (needs root)"
     )

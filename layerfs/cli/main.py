@@ -128,9 +128,9 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--root",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),  # the store judges it, in one line
     envvar="LAYERFS_ROOT",
-    help="Store directory (default /var/lib/layerfs for root).",
+    help="Store directory (default /var/lib/layerfs for root, $XDG_DATA_HOME/layerfs else).",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(package_name="layerfs",

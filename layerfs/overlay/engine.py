@@ -87,8 +87,10 @@ class Engine(MergedTree):
         new objects of other owners record theirs (its root says so, as the lowers' do)."""
         assert self.upper is not None
         if UPPER not in self.override_layers:
-            attr = self.getattr(self.nodes.root)
-            xattrs.set_override(self.upper, attr.uid, attr.gid, attr.mode)
+            # the container's root is the image's: its top layer's root says whose
+            top = xattrs.override_of(self.lowers.root(1)) if self.lowers.count else None
+            uid, gid, mode = top or (0, 0, stat.S_IMODE(realfs.lstat(self.upper).st_mode))
+            xattrs.set_override(self.upper, uid, gid, mode)
             self.override_layers = self.override_layers | {UPPER}
 
     @property
@@ -97,16 +99,17 @@ class Engine(MergedTree):
 
     def _give_owner(self, target: bytes | int, kind: int, uid: int, gid: int,
                     mode: int) -> None:
-        """Make a new or copied-up upper object `uid:gid`'s: for real, or where the upper
-        records owners and the ids are not ours, in its override xattr (files and
-        directories; other kinds keep our owner)."""
-        if not self._records_owners or (uid, gid) == (self._euid, self._egid):
-            if isinstance(target, int):
-                os.fchown(target, uid, gid)
-            else:
-                realfs.chown(target, uid, gid)
-        elif kind in (stat.S_IFREG, stat.S_IFDIR):
-            xattrs.set_override(target, uid, gid, mode)
+        """Make a new upper object `uid:gid`'s: for real, or where the upper records owners
+        (a rootless store), in its override xattr (files and directories; other kinds keep
+        ours, which stands for root's)."""
+        if self._records_owners:
+            if kind in (stat.S_IFREG, stat.S_IFDIR):
+                xattrs.set_override(target, uid, gid, mode)
+            return  # the object stays ours, which stands for root's
+        if isinstance(target, int):
+            os.fchown(target, uid, gid)
+        else:
+            realfs.chown(target, uid, gid)
 
     def drop_setid(self, node: Node) -> None:
         """What a write or truncate by a caller without CAP_FSETID does to the file (the
@@ -118,7 +121,9 @@ class Engine(MergedTree):
         kill = mode & stat.S_ISUID
         if mode & stat.S_ISGID and mode & stat.S_IXGRP:
             kill |= stat.S_ISGID
-        if kill:
+        if kill and self._records_owners:
+            self._set_recorded_owner(node, real, None, None, self.getattr(node).mode & ~kill)
+        elif kill:
             realfs.chmod(real, stat.S_IMODE(mode) & ~kill)
 
     def setattr(
@@ -174,12 +179,9 @@ class Engine(MergedTree):
         if kind != stat.S_IFLNK and (mode is not None or new_mode != stat.S_IMODE(attr.mode)):
             realfs.chmod(real, new_mode)
         if kind in (stat.S_IFREG, stat.S_IFDIR):
-            if (new_uid, new_gid) == (attr.st.st_uid, attr.st.st_gid) and \
-                    xattrs.get_xattr(real, xattrs.OVERRIDE_STAT) is None:
-                return
             xattrs.set_override(real, new_uid, new_gid, new_mode)
-        elif (new_uid, new_gid) != (attr.uid, attr.gid):
-            realfs.chown(real, new_uid, new_gid)
+        # other kinds cannot record an owner: they stay ours, root's in the image (as a
+        # rootless fuse-overlayfs drops what it cannot chown)
 
     def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0,
                  *, kill_sgid: bool = False) -> None:
@@ -499,7 +501,7 @@ class Engine(MergedTree):
         uid, gid = owner_uid, owner_gid
         try:
             if not born_right:
-                if uid != self._euid or gid != made_gid:
+                if uid != self._euid or gid != made_gid or self._records_owners:
                     self._give_owner(fd, stat.S_IFREG, uid, gid, new.mode)
                 os.fchmod(fd, new.mode)  # after the chown, which would clear setuid and setgid
             self._set_acls(fd, new)

@@ -79,8 +79,10 @@ class MergedTree:
         self.nodes = NodeTable(root)
         self._init_root(root)
         self.override_layers = self._layers_with_overrides()
-        """The layers (UPPER for the upper) whose owners and modes may be in override xattrs:
-        those whose root has one, as fuse-overlayfs decides, in the `user.overlay.` format."""
+        """The layers (UPPER for the upper) of a rootless store: owners and modes may be in
+        override xattrs, as fuse-overlayfs decides where the layer's root has one (in the
+        `user.overlay.` format), and objects of the store's owner are root's."""
+        self.store_owner = (os.geteuid(), os.getegid())
 
     def _layers_with_overrides(self) -> frozenset[int]:
         if xattrs.active() is not xattrs.USER:
@@ -288,20 +290,29 @@ class MergedTree:
             if override is not None:
                 return Attr(node.ino, node.generation, st, nlink, blocks, override[0],
                             override[1], stat.S_IFMT(st.st_mode) | override[2])
+            if self._layer_of(node) in self.override_layers:
+                # a rootless store's own files are root's in the image (symlinks and the
+                # like can have no override: this is their owner)
+                uid = 0 if st.st_uid == self.store_owner[0] else st.st_uid
+                gid = 0 if st.st_gid == self.store_owner[1] else st.st_gid
+                return Attr(node.ino, node.generation, st, nlink, blocks, uid, gid, st.st_mode)
         return Attr(node.ino, node.generation, st, nlink, blocks, st.st_uid, st.st_gid,
                     st.st_mode)
+
+    @staticmethod
+    def _layer_of(node: Node) -> int:
+        """The layer that holds `node`'s attributes."""
+        if node.in_upper:
+            return UPPER
+        if node.is_dir:
+            return node.lowers[0][0]
+        assert node.lower is not None
+        return node.lower[0]
 
     def _override(self, node: Node, st: os.stat_result) -> tuple[int, int, int] | None:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             return None
-        if node.in_upper:
-            layer = UPPER
-        elif node.is_dir:
-            layer = node.lowers[0][0]
-        else:
-            assert node.lower is not None
-            layer = node.lower[0]
-        if layer not in self.override_layers:
+        if self._layer_of(node) not in self.override_layers:
             return None
         if node.in_upper and not node.is_dir and not node.links and node.open_fds:
             try:

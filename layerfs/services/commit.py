@@ -90,7 +90,8 @@ def _write_and_add(store: Store, entries: list[LayerEntry], name: str,
     def produce() -> None:
         try:
             with os.fdopen(write_fd, "wb", buffering=1 << 20) as out:
-                write_layer(entries, out)
+                write_layer(entries, out, None if os.geteuid() == 0 else
+                            (os.geteuid(), os.getegid()))
         except BaseException as exc:  # handed to the consumer's thread
             failure.append(exc)
 

@@ -15,10 +15,12 @@ The root is `/var/lib/layerfs` for root, `$XDG_DATA_HOME/layerfs` otherwise; `--
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from layerfs.digest import Digest, encoded
+from layerfs.errors import StoreError
 
 
 def default_root() -> Path:
@@ -75,5 +77,16 @@ class Layout:
         return self.root / "tmp"
 
     def create(self) -> None:
+        """Make the store's directories where missing. Not root: the store is the user's
+        alone (0700, as podman's), and one that belongs to someone else is refused before
+        anything is written (StoreError)."""
+        if os.geteuid() != 0:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                self.root.mkdir(mode=0o700)
+            owner = self.root.stat().st_uid
+            if owner != os.geteuid():
+                raise StoreError(f"{self.root}: the store belongs to uid {owner}, not to this "
+                                 "user (name another with --root or LAYERFS_ROOT)")
         for path in (self.blobs, self.layers, self.containers, self.tmp):
             path.mkdir(parents=True, exist_ok=True)

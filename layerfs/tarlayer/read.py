@@ -275,7 +275,6 @@ class _Unpacker:
         self._whiteout_markers = False
         self._opaque_markers = False
         self._is_root = os.geteuid() == 0
-        self._ids = (os.geteuid(), os.getegid())
         self._counts = _Counts()
 
     def close(self) -> None:
@@ -662,9 +661,9 @@ class _Unpacker:
         if not self._is_root:
             # chown to another user needs CAP_CHOWN: files and directories keep their owner
             # in the override xattr (as containers-storage does); others lose it, counted
-            if (member.uid, member.gid) != self._ids and not self._record_owner(
-                fd, leaf, member
-            ):
+            # Every one of them: fuse-overlayfs wants one on each where the root has one.
+            # (Other kinds stay ours, which stands for root's in the image.)
+            if not self._record_owner(fd, leaf, member) and (member.uid, member.gid) != (0, 0):
                 self._counts.owners_dropped += 1
             return
         if leaf is None:
@@ -686,13 +685,14 @@ class _Unpacker:
 
     def _mark_overrides(self) -> None:
         """Not root: the layer's root says that owners are kept in override xattrs, which
-        is where fuse-overlayfs looks; a tar without a root entry gets root's 0:0."""
-        try:
-            os.getxattr(self._root, overlay_xattrs.OVERRIDE_STAT)
-        except OSError:
-            mode = self._dirs.get((), (0o755, 0))[0]
-            with contextlib.suppress(OSError):
-                overlay_xattrs.set_override(self._root, 0, 0, mode)
+        is where fuse-overlayfs looks; the root without an entry of its own, and parent
+        directories the tar did not list, are root's."""
+        for _path, _dirs, _files, fd in os.fwalk(dir_fd=self._root):
+            try:
+                os.getxattr(fd, overlay_xattrs.OVERRIDE_STAT)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    overlay_xattrs.set_override(fd, 0, 0, stat.S_IMODE(os.fstat(fd).st_mode))
 
     def _xattrs(self, fd: int, leaf: bytes | None, member: tarfile.TarInfo, label: str) -> None:
         if not _has_xattrs(member):

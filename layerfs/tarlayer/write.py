@@ -79,8 +79,11 @@ def _xattr_headers(real: bytes) -> dict[str, str]:
     return headers
 
 
-def write_layer(entries: Iterable[LayerEntry], out: IO[bytes]) -> int:
-    """Write the layer tar of `entries` to `out`; returns the number of tar entries."""
+def write_layer(entries: Iterable[LayerEntry], out: IO[bytes],
+                store_owner: tuple[int, int] | None = None) -> int:
+    """Write the layer tar of `entries` to `out`; returns the number of tar entries.
+    `store_owner`: a rootless store's ids, which stand for root's, other owners and modes
+    being in override xattrs (`overlay_xattrs.OVERRIDE_STAT`)."""
     count = 0
     first_name: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
@@ -97,12 +100,15 @@ def write_layer(entries: Iterable[LayerEntry], out: IO[bytes]) -> int:
             info = tarfile.TarInfo(_name(entry.path))
             info.mode = stat.S_IMODE(st.st_mode)
             info.uid, info.gid = st.st_uid, st.st_gid
-            if overlay_xattrs.active() is overlay_xattrs.USER and (
-                stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
-            ):
-                override = overlay_xattrs.override_of(entry.real)
-                if override is not None:  # a rootless store's record of the real owner
+            if store_owner is not None:
+                override = None
+                if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                    override = overlay_xattrs.override_of(entry.real)
+                if override is not None:
                     info.uid, info.gid, info.mode = override
+                else:
+                    info.uid = 0 if st.st_uid == store_owner[0] else st.st_uid
+                    info.gid = 0 if st.st_gid == store_owner[1] else st.st_gid
             info.uname = info.gname = ""
             info.mtime = _clamp(int(st.st_mtime))
             info.pax_headers = _xattr_headers(entry.real)
