@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import tarfile
 from pathlib import Path
@@ -71,9 +72,6 @@ def test_the_store_is_the_users(user_with_images: RootlessUser) -> None:
             path_st = os.lstat(os.path.join(dirpath, name))
             assert path_st.st_uid == user.uid, name
             assert not path_st.st_mode & 0o022, f"{name}: {oct(path_st.st_mode)}"
-    runtime = user.work / "run" / "layerfs"
-    if runtime.exists():  # the fork server's, where a mount started it
-        assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
 
 
 def test_run_shows_the_image_as_root_sees_it(user_with_images: RootlessUser, store: Store,
@@ -129,12 +127,28 @@ def test_mount_shows_the_image_through_the_users_ids(user_with_images: RootlessU
                                     f"grep ' {mnt} ' /proc/mounts"]).stdout.splitlines()
     finally:
         user.run([LAYERFS, "umount", str(mnt)])
+    _check_fork_server(user)
     sub = _subordinate_start(user)
     assert out[0] == f"{user.uid} {sub + 41} 640"
     assert out[1] == f"{user.uid} {user.gid} 755"
     assert out[2] == f"{user.uid} {user.gid}"
     options = out[3].split()[3].split(",")
     assert "nosuid" in options and "nodev" in options  # setuid gains nothing outside
+
+
+def _check_fork_server(user: RootlessUser) -> None:
+    """The mount started the user's fork server: its socket is the user's, in a dir closed to
+    others, and the server answers nobody else, not even root (who can reach the socket)."""
+    runtime = user.work / "run" / "layerfs"
+    st = runtime.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user.uid, 0o700)
+    [sock_path] = runtime.glob("forkserver-*.sock")
+    assert sock_path.stat().st_uid == user.uid
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(sock_path))
+        sock.sendmsg([b"layerfs\0images\0"], [])
+        assert sock.recv(4096) == b""  # closed without an answer
 
 
 def _subordinate_start(user: RootlessUser) -> int:
