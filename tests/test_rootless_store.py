@@ -147,8 +147,12 @@ def _check_fork_server(user: RootlessUser) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(10)
         sock.connect(str(sock_path))
-        sock.sendmsg([b"layerfs\0images\0"], [])
-        assert sock.recv(4096) == b""  # closed without an answer
+        try:
+            sock.sendmsg([b"layerfs\0images\0"], [])
+            answer = sock.recv(4096)
+        except (ConnectionResetError, BrokenPipeError):
+            answer = b""  # closed before it read a thing
+        assert answer == b""  # closed without an answer
 
 
 def _subordinate_start(user: RootlessUser) -> int:
