@@ -229,3 +229,51 @@ def test_refusals_are_one_line_and_write_nothing(rootless_user: RootlessUser) ->
         assert out[:3] == ["0", "0 65534", "0 0"]
     finally:
         remove_user(other)
+
+
+BUILD = """\
+FROM alpine:3.20 AS base
+RUN adduser -D -u 1234 bob && mkdir -p /srv/data && chown 7:8 /srv/data
+COPY --chown=bob:bob f /home/bob/f
+COPY --chmod=4755 f /usr/local/bin/g
+WORKDIR /srv/app
+USER bob
+WORKDIR /home/bob/w
+RUN id > /home/bob/w/id && touch /home/bob/w/made
+FROM alpine:3.20
+COPY --from=base /home/bob /bob
+COPY --from=base --chown=42:43 /srv/data /data
+"""
+
+
+def test_build_gives_the_image_roots_build_gives(user_with_images: RootlessUser, store: Store,
+                                                 tmp_path: Path) -> None:
+    """COPY, ADD and WORKDIR write as the image's root, a RUN as another USER gets in (the
+    rootless container is mounted in the user namespace), and the result is root's."""
+    user = user_with_images
+    ctx = user.work / "home" / "ctx"
+    user.mkdirs(ctx)
+    for parent in (ctx, tmp_path / "ctx"):
+        parent.mkdir(exist_ok=True)
+        (parent / "Dockerfile").write_text(BUILD)
+        (parent / "f").write_text("hello\n")
+    for path in (ctx, ctx / "Dockerfile", ctx / "f"):
+        os.chown(path, user.uid, user.gid)
+    store.ok("import", str(ALPINE_TARBALL), "alpine:3.20")
+    views = []
+    for target in ("base", None):
+        args = ["build", "-q", "-t", f"built:{target or 'final'}"] + (
+            ["--target", target] if target else [])
+        user.run([LAYERFS, *args, str(ctx)])
+        store.ok(*args, str(tmp_path / "ctx"))
+        name = f"built:{target or 'final'}"
+        ours = listing(user.run([LAYERFS, "run", "--rm", name, "sh", "-c", LISTING]).stdout)
+        theirs = listing(store.ok("run", "--rm", name, "sh", "-c", LISTING))
+        assert ours == theirs
+        views.append(ours)
+    base, final = views
+    assert "/home/bob/w/made|1234|1234|644|regular empty file|0" in base
+    assert "/usr/local/bin/g|0|0|4755|regular file|6" in base
+    assert any(line.startswith("/data|42|43|755|directory|") for line in final)
+    out = user.run([LAYERFS, "run", "--rm", "built:base", "cat", "/home/bob/w/id"]).stdout
+    assert out.startswith("uid=1234(bob) gid=1234(bob)")

@@ -197,27 +197,31 @@ def run(
     import tempfile  # here, not at the top: `mount` should not pay for it
 
     from layerfs.services import run as run_service
+    from layerfs.services import userns
 
     store = ctx.store
     img = resolve_or_pull(store, image)
-    process = None
     container = containers_service.create(store, img, image, name)
-    status = 0
-    with tempfile.TemporaryDirectory(prefix="layerfs-run-") as mnt:
-        containers_service.mount(store, container, img, mnt)
-        try:
-            process = run_service.process_for(
-                Path(mnt),
-                img.config.container_config,
-                list(command),
-                list(env),
-                workdir,
-                user,
-                image,
-            )
-            status = run_service.run_in(Path(mnt), process)
-        finally:
-            containers_service.umount(store, container)
-            if remove_after or process is None:
-                containers_service.remove(store, container)
-    sys.exit(status)
+
+    def mounted_run() -> int:
+        process = None
+        with tempfile.TemporaryDirectory(prefix="layerfs-run-") as mnt:
+            containers_service.mount(store, container, img, mnt)
+            try:
+                process = run_service.process_for(
+                    Path(mnt),
+                    img.config.container_config,
+                    list(command),
+                    list(env),
+                    workdir,
+                    user,
+                    image,
+                )
+                return run_service.run_in(Path(mnt), process)
+            finally:
+                containers_service.umount(store, container)
+                if remove_after or process is None:
+                    containers_service.remove(store, container)
+
+    # rootless: mount and run in a user namespace with the user's ids, as podman does
+    sys.exit(mounted_run() if os.geteuid() == 0 else userns.with_own_mounts(mounted_run))

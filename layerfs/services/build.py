@@ -37,7 +37,7 @@ from layerfs.dockerfile.expand import SubstitutionError, expand
 from layerfs.dockerfile.ignore import IgnoreRules, has_magic
 from layerfs.dockerfile.parse import Instruction, Stage, parse
 from layerfs.errors import BuildError, DockerfileError, LayerfsError
-from layerfs.services import build_copy, rootpath
+from layerfs.services import build_copy, rootpath, userns
 from layerfs.services import containers as containers_service
 from layerfs.services import run as run_service
 from layerfs.services.commit import commit
@@ -631,20 +631,30 @@ class Builder:
                       work: Callable[[Path], None], created_by: str, *,
                       keep_empty: bool = True) -> Image:
         """Run `work` on a container of the stage's image and commit what it changed into
-        the step's image, with the config as the stage has it now."""
+        the step's image, with the config as the stage has it now. Rootless, the container
+        is mounted and worked on in a user namespace with the user's ids (as `run` does), so
+        that the image's root may write and chown, and a RUN as another USER gets in."""
         base = self._with_config(state)
         with contextlib.ExitStack() as scope:
             container = self._container(scope, base, instruction.keyword.lower())
-            mnt = Path(scope.enter_context(tempfile.TemporaryDirectory(prefix="layerfs-build-")))
-            containers_service.mount(self.store, container, base, str(mnt))
-            scope.callback(self._unmount, container)
+
+            def mounted() -> None:
+                with tempfile.TemporaryDirectory(prefix="layerfs-build-") as mnt_dir:
+                    mnt = Path(mnt_dir)
+                    containers_service.mount(self.store, container, base, str(mnt))
+                    try:
+                        work(mnt)
+                    except OSError as exc:
+                        raise BuildError(f"{self._where(instruction)}: {instruction.keyword} "
+                                         f"failed: {_os_text(exc, mnt)}") from None
+                    finally:
+                        self._unmount(container)
+
             self.report(f" ---> Running in {container.short_id}")
-            try:
-                work(mnt)
-            except OSError as exc:
-                raise BuildError(f"{self._where(instruction)}: {instruction.keyword} failed: "
-                                 f"{_os_text(exc, mnt)}") from None
-            self._unmount(container)
+            if os.geteuid() == 0:
+                mounted()
+            else:
+                userns.with_own_mounts(mounted)
             if not keep_empty and not containers_service.changes(self.store, container):
                 self.report(f"Removing intermediate container {container.short_id}")
                 return self._empty_step(state, base, created_by)

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from layerfs.errors import LayerfsError, UsageError
-from layerfs.services import userns
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-_CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
 _MS_RDONLY = 1
@@ -253,8 +251,6 @@ def _setgroups_denied() -> bool:
 
 def _run(root: Path, process: Process, binds: list[str], files: list[str], network: bool,
          stdout: int | None) -> int:
-    if os.geteuid() != 0:
-        return _run_in_user_namespace(root, process, binds, files, network, stdout)
     try:
         child = subprocess.Popen(
             process.argv, env=process.env, close_fds=True, stdout=stdout,
@@ -277,77 +273,3 @@ def _run(root: Path, process: Process, binds: list[str], files: list[str], netwo
             continue
     return 128 - code if code < 0 else code
 
-
-def _run_in_user_namespace(root: Path, process: Process, binds: list[str], files: list[str],
-                           network: bool, stdout: int | None) -> int:
-    """Not root: the child unshares a user namespace first, in which the parent maps the
-    user's ids (`userns.write_maps`: the user is root inside, subordinate ids the image's
-    others), then goes on as `_enter` does as root. Setuid programs gain nothing outside."""
-    ranges = userns.ranges_of_this_user()
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)  # closed by a successful exec
-    pid = os.fork()
-    if pid == 0:  # the child: nothing here may return
-        try:
-            os.close(ready_r)
-            os.close(go_w)
-            os.close(err_r)
-            _check(_libc.unshare(_CLONE_NEWUSER), "unshare")
-            os.write(ready_w, b"u")
-            if os.read(go_r, 1) != b"g":
-                os._exit(126)
-            _enter(str(root), process, binds, files, network)
-            if stdout is not None:
-                os.dup2(stdout, 1)
-                os.dup2(stdout, 2)
-            os.execvpe(process.argv[0], process.argv, process.env)
-        except BaseException as exc:
-            with contextlib.suppress(BaseException):
-                kind = ("notfound" if isinstance(exc, FileNotFoundError) else
-                        "denied" if isinstance(exc, PermissionError) else "other")
-                os.write(err_w, f"{kind}:{exc}".encode())
-        os._exit(127)
-    os.close(ready_w)
-    os.close(go_r)
-    os.close(err_w)
-    try:
-        unshared = os.read(ready_r, 1) == b"u"
-        if unshared:
-            try:
-                userns.write_maps(pid, ranges)
-            except LayerfsError:
-                os.kill(pid, 9)
-                raise
-            os.write(go_w, b"g")
-        os.close(go_w)
-        go_w = -1
-        report = b""
-        while chunk := os.read(err_r, 4096):
-            report += chunk
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        raise
-    finally:
-        os.close(ready_r)
-        os.close(err_r)
-        if go_w >= 0:
-            os.close(go_w)
-    if report:
-        os.waitpid(pid, 0)
-        kind, _, message = report.decode(errors="replace").partition(":")
-        if kind == "notfound":
-            raise LayerfsError(f"{process.argv[0]}: executable file not found in the container")
-        if kind == "denied":
-            raise LayerfsError(f"{process.argv[0]}: permission denied in the container")
-        raise LayerfsError(f"{process.argv[0]}: cannot start in the container: {message}")
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except KeyboardInterrupt:  # the child got the SIGINT too; wait for it to finish
-            continue
-    return os.waitstatus_to_exitcode(status) if not os.WIFSIGNALED(status) \
-        else 128 + os.WTERMSIG(status)

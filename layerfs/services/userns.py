@@ -9,14 +9,29 @@ themselves again. Without a range only root maps; other owners show as the overf
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import pickle
 import pwd
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 from layerfs.errors import LayerfsError
 from layerfs.fuse.idmap import IdMap
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+T = TypeVar("T")
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNS = 0x00020000
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+_libc = ctypes.CDLL(None, use_errno=True)
 
 Ranges = tuple[tuple[int, int, int], ...]
 """(inside, outside, count) triples: image ids and the ids that stand for them outside."""
@@ -95,3 +110,92 @@ def write_maps(pid: int, ranges: IdRanges) -> None:
     except OSError as exc:
         raise LayerfsError(f"cannot map the user's ids in a user namespace: {exc.strerror}") \
             from None
+
+
+def fork_in_user_namespace(ranges: IdRanges) -> int:
+    """fork(), as os.fork does; in the child (0) the process has become root of a user
+    namespace of its own, which the parent has mapped with `ranges` by the time fork returns
+    there. The parent gets the child's pid once the maps are written (LayerfsError where the
+    namespace cannot be made or mapped; the child is then gone)."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(go_w)
+        if _libc.unshare(_CLONE_NEWUSER) != 0:
+            os._exit(126)
+        os.write(ready_w, b"u")
+        os.close(ready_w)
+        if os.read(go_r, 1) != b"g":
+            os._exit(126)
+        os.close(go_r)
+        return 0
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if os.read(ready_r, 1) != b"u":
+            raise LayerfsError("cannot make a user namespace (unshare refused)")
+        write_maps(pid, ranges)
+        os.write(go_w, b"g")
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+    return pid
+
+
+def call_as_root_inside(fn: Callable[[], T]) -> T:
+    """`fn()` in a child process that is root in a user namespace mapped with the user's
+    ranges, as `run`'s process is: it may write and chown in a rootless mount as the image's
+    root would. Its result or exception comes back (pickled: our own child's)."""
+    out_r, out_w = os.pipe()
+    try:
+        pid = fork_in_user_namespace(ranges_of_this_user())
+    except BaseException:
+        os.close(out_r)
+        os.close(out_w)
+        raise
+    if pid == 0:  # the child: nothing here may return
+        os.close(out_r)
+        try:
+            payload = pickle.dumps((True, fn()))
+        except BaseException as exc:
+            try:
+                payload = pickle.dumps((False, exc))
+            except Exception:
+                payload = pickle.dumps((False, LayerfsError(f"{type(exc).__name__}: {exc}")))
+        with contextlib.suppress(BaseException), os.fdopen(out_w, "wb") as out:
+            out.write(payload)
+        os._exit(0)
+    os.close(out_w)
+    try:
+        with os.fdopen(out_r, "rb") as source:
+            payload = source.read()
+    finally:
+        os.waitpid(pid, 0)
+    if not payload:
+        raise LayerfsError("the user namespace's process ended without an answer")
+    ok, value = pickle.loads(payload)
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def with_own_mounts(fn: Callable[[], T]) -> T:
+    """`fn()` as root of a user namespace with the user's ids (`call_as_root_inside`) and in
+    a mount namespace of that one's own, private: a FUSE mount made there is the namespace's
+    (the kernel then shows owners through its map, and `allow_other` lets every process of
+    the namespace in, whatever its user) and goes with it."""
+    def inside() -> T:
+        if _libc.unshare(_CLONE_NEWNS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare: a mount namespace")
+        if _libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+            raise OSError(ctypes.get_errno(), "mount: making / private")
+        return fn()
+
+    return call_as_root_inside(inside)
