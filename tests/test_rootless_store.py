@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from tests.imagetools import Store
+    from tests.registry_fixtures import Registry
     from tests.rootless import RootlessUser
 
 ALPINE_TARBALL = IMAGES / "alpine-minirootfs-3.20.3-x86_64.tar.gz"
@@ -34,6 +35,7 @@ BUSYBOX_LAYOUT = IMAGES / "busybox-1.38.0-musl-amd64-oci"
 LAYERFS = str(VENV_BIN / "layerfs")
 
 pytestmark = pytest.mark.skipif(not ALPINE_TARBALL.exists(), reason="no Alpine minirootfs")
+pytest_plugins = ["tests.registry_fixtures"]  # the registry on 127.0.0.1
 
 # Every path of the container with owner, group, mode, type and size (busybox stat);
 # /proc, /sys and /dev are the host's, seen from two different namespaces.
@@ -277,3 +279,24 @@ def test_build_gives_the_image_roots_build_gives(user_with_images: RootlessUser,
     assert any(line.startswith("/data|42|43|755|directory|") for line in final)
     out = user.run([LAYERFS, "run", "--rm", "built:base", "cat", "/home/bob/w/id"]).stdout
     assert out.startswith("uid=1234(bob) gid=1234(bob)")
+
+
+def test_push_and_pull_between_the_user_and_root(user_with_images: RootlessUser,
+                                                 registry: Registry, store: Store) -> None:
+    """What the user pushes, root pulls and sees as the user does; what root pushes, the
+    user pulls (a registry on 127.0.0.1) and sees as root does."""
+    user = user_with_images
+    mine = registry.ref("rootless/alpine:1")
+    user.run([LAYERFS, "tag", "alpine:3.20", mine])
+    user.run([LAYERFS, "push", mine])
+    store.ok("pull", mine)
+    ours = listing(user.run([LAYERFS, "run", "--rm", mine, "sh", "-c", LISTING]).stdout)
+    assert ours == listing(store.ok("run", "--rm", mine, "sh", "-c", LISTING))
+    theirs = registry.ref("root/busybox:1")
+    store.ok("load", "-i", str(BUSYBOX_LAYOUT))
+    store.ok("tag", "busybox:1.38.0-musl", theirs)
+    store.ok("push", theirs)
+    user.run([LAYERFS, "pull", theirs])
+    ours = listing(user.run([LAYERFS, "run", "--rm", theirs, "sh", "-c", LISTING]).stdout)
+    assert len(ours) > 300
+    assert ours == listing(store.ok("run", "--rm", theirs, "sh", "-c", LISTING))
