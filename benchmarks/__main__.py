@@ -1,15 +1,15 @@
-"""Command line: `python -m benchmarks [all|overlay|images|syscalls|build] [--quick] [--runs N]
-[--skip SYSTEM] [--only ROW] [--out DIR] ...`; without a command, `all` (both suites and one
-summary)."""
+"""Command line: `python -m benchmarks [all|overlay|images|syscalls|build|rootless] [--quick]
+[--runs N] [--skip SYSTEM] [--only ROW] [--out DIR] ...`; without a command, `all` (both suites
+and one summary)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import all_suites, builds, images, overlay, syscall_counts
+from benchmarks import all_suites, builds, images, overlay, rootless, syscall_counts
 
-COMMANDS = ("all", "overlay", "images", "syscalls", "build")
+COMMANDS = ("all", "overlay", "images", "syscalls", "build", "rootless")
 
 
 def main(argv: list[str]) -> int:
@@ -35,6 +35,10 @@ def main(argv: list[str]) -> int:
         commands.add_parser("build", help="the Dockerfile corpus built cold, fully cached and "
                             "after a one-line change, by layerfs build and buildah bud")
     )
+    rootless.add_arguments(
+        commands.add_parser("rootless", help="the overlay rows users feel, run by an "
+                            "unprivileged user: layerfs-overlay against fuse-overlayfs")
+    )
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["all", *argv]  # no command: `all`, with whatever options were given
     args = parser.parse_args(argv)
@@ -42,6 +46,8 @@ def main(argv: list[str]) -> int:
         return images.main(args)
     if args.command == "build":
         return builds.main(args)
+    if args.command == "rootless":
+        return rootless.main(args)
     if args.command == "syscalls":
         return syscall_counts.main(args)
     if args.command == "overlay":
