@@ -74,7 +74,7 @@ class Engine(MergedTree):
     def __init__(self, lowers: list[bytes], upper: bytes | None, work: bytes | None) -> None:
         """`work` None with an upper: a reader of the merged tree that must not change it."""
         super().__init__(lowers, upper)
-        self.work = os.path.abspath(work) if work is not None else None
+        self.work = os.path.realpath(work) if work is not None else None
         self.sync_copy_up = True
         # Who the upper filesystem makes our new objects belong to (the daemon's ids).
         self._euid, self._egid = os.geteuid(), os.getegid()
@@ -167,7 +167,7 @@ class Engine(MergedTree):
     def _set_recorded_owner(self, node: Node, real: bytes, uid: int | None, gid: int | None,
                             mode: int | None) -> None:
         """chown and chmod where the upper records owners: the mode for real (setuid and
-        the like need it), the owner in the override xattr unless it is ours."""
+        the like need it), owner and mode in the override xattr of a file or directory."""
         attr = self.getattr(node)
         new_uid = attr.uid if uid is None else uid
         new_gid = attr.gid if gid is None else gid

@@ -72,8 +72,10 @@ class Found:
 
 class MergedTree:
     def __init__(self, lowers: list[bytes], upper: bytes | None) -> None:
-        self.lowers = LowerLayers([os.path.abspath(p) for p in lowers])
-        self.upper = os.path.abspath(upper) if upper is not None else None
+        # resolved once, as the kernel resolves the dirs it is given at mount (podman names
+        # its layers by symlinks, overlay/l/ID)
+        self.lowers = LowerLayers([os.path.realpath(p) for p in lowers])
+        self.upper = os.path.realpath(upper) if upper is not None else None
         root = Node(ino=ROOT_INO, is_dir=True)
         root.in_upper = self.upper is not None
         self.nodes = NodeTable(root)
