@@ -234,3 +234,38 @@ def test_on_disk_forms(dirs: Dirs) -> None:
             assert not [x for x in os.listxattr(path, follow_symlinks=False)
                         if x.startswith("trusted.")], path
     assert (dirs.upper / "e" / "g").stat().st_size != 0  # data copied up, not metacopy
+
+
+@pytest.mark.parametrize("options", [
+    "squash_to_root",
+    "squash_to_uid=1234,squash_to_gid=4321",
+    "uidmapping=0:7:1:1:100:5000,gidmapping=0:8:1:1:200:5000",
+], ids=["squash_to_root", "squash_to_ids", "mappings"])  # ids: the test dir is named by them
+def test_owner_options_show_what_fuse_overlayfs_shows(dirs: Dirs, options: str) -> None:
+    """fuse-overlayfs's squash and mapping options, the same on both, over the same dirs."""
+    views = []
+    for program in (str(VENV_BIN / "layerfs-overlay"), "fuse-overlayfs"):
+        upper, work = dirs.fresh_upper(program.rsplit("/", 1)[-1])
+        dirs.user.run([program, "-o", f"{dirs.options(upper=upper, work=work)},{options}",
+                       str(dirs.mnt)])
+        try:
+            views.append(dirs.look(change=False)["tree"])
+        finally:
+            unmount(dirs)
+    ours, theirs = views
+    for tree in views:  # fuse-overlayfs hides no user.overlay. name of ours: compare without
+        for entry in tree.values():
+            entry[5] = [x for x in entry[5] if not x[0].startswith("user.overlay.")]
+    assert ours == theirs
+    owners = {(entry[2], entry[3]) for entry in ours.values()}
+    if options == "squash_to_root":
+        assert owners == {(0, 0)}
+
+
+def test_malformed_owner_options_are_one_line(dirs: Dirs) -> None:
+    for bad, message in (("uidmapping=0:1", "0:1: needs triples ON_DISK:SHOWN:COUNT"),
+                         ("squash_to_uid=me", "squash_to_uid=me: not a user or group id")):
+        result = dirs.user.run([str(VENV_BIN / "layerfs-overlay"), "-o",
+                                f"{dirs.options()},{bad}", str(dirs.mnt)], check=False)
+        assert result.returncode != 0
+        assert result.stderr.splitlines() == [f"layerfs-overlay: {message}"]
