@@ -127,6 +127,12 @@ def test_mount_shows_the_image_through_the_users_ids(user_with_images: RootlessU
         out = user.run(["sh", "-c", f"stat -c '%u %g %a' {mnt}/etc/shadow {mnt}/etc; "
                                     f"echo hi > {mnt}/new && stat -c '%u %g' {mnt}/new; "
                                     f"grep ' {mnt} ' /proc/mounts"]).stdout.splitlines()
+        # in the namespace of run and build (podman unshare's): the image's own owners, and
+        # root may chown there
+        inside = user.run([LAYERFS, "unshare", "sh", "-c",
+                           f"stat -c '%u %g %a' {mnt}/etc/shadow; chown 42:43 {mnt}/new && "
+                           f"stat -c '%u %g' {mnt}/new"]).stdout.splitlines()
+        outside = user.run(["stat", "-c", "%u %g", f"{mnt}/new"]).stdout.strip()
     finally:
         user.run([LAYERFS, "umount", str(mnt)])
     _check_fork_server(user)
@@ -134,6 +140,8 @@ def test_mount_shows_the_image_through_the_users_ids(user_with_images: RootlessU
     assert out[0] == f"{user.uid} {sub + 41} 640"
     assert out[1] == f"{user.uid} {user.gid} 755"
     assert out[2] == f"{user.uid} {user.gid}"
+    assert inside == ["0 42 640", "42 43"]
+    assert outside == f"{sub + 41} {sub + 42}"
     options = out[3].split()[3].split(",")
     assert "nosuid" in options and "nodev" in options  # setuid gains nothing outside
 

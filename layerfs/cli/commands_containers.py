@@ -225,3 +225,28 @@ def run(
 
     # rootless: mount and run in a user namespace with the user's ids, as podman does
     sys.exit(mounted_run() if os.geteuid() == 0 else userns.with_own_mounts(mounted_run))
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def unshare(command: tuple[str, ...]) -> None:
+    """Run COMMAND (default $SHELL) in the user namespace that rootless run and build use,
+    as podman unshare does: root is the user, the image's other ids its subordinate ones,
+    so that a rootless mount shows the image's own owners there."""
+    from layerfs.errors import UsageError
+    from layerfs.services import userns
+
+    if os.geteuid() == 0:
+        raise UsageError("unshare: only for a rootless user (root has the ids already)")
+    argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
+
+    def execute() -> int:
+        import subprocess
+
+        try:
+            return subprocess.run(argv, check=False).returncode
+        except FileNotFoundError:
+            raise UsageError(f"{argv[0]}: command not found") from None
+
+    sys.exit(userns.call_as_root_inside(execute))

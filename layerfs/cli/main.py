@@ -104,7 +104,7 @@ pass_ctx = click.make_pass_decorator(Context)
 _COMMAND_MODULES = {
     **dict.fromkeys(("import", "images", "tag", "rmi", "history", "inspect", "tree", "system",
                      "load", "save"), "commands_images"),
-    **dict.fromkeys(("mount", "umount", "ps", "rm", "commit", "diff", "run"),
+    **dict.fromkeys(("mount", "umount", "ps", "rm", "commit", "diff", "run", "unshare"),
                     "commands_containers"),
     **dict.fromkeys(("pull", "push", "login", "logout", "search"), "commands_registry"),
     "build": "commands_build",
