@@ -1,10 +1,11 @@
 """A rootless user's ids: the user's own and its subordinate ranges (/etc/subuid, /etc/subgid,
 which `newuidmap`/`newgidmap` of the `uidmap` package honour), as podman uses them.
 
-Image id 0 is the user, image ids 1..N are the first subordinate range: a rootless mount
-shows the image's owners that way (so the user owns, outside, what root owns inside), and
-`run` puts its process in a user namespace with the same map, where the image's owners are
-themselves again. Without a range only root maps; other owners show as the overflow id.
+Image id 0 is the user, image ids 1..N are the first subordinate range. A `layerfs mount`
+shows the image's owners through that map (the user owns, outside, what root owns in the
+image); `run`, every `build` step and `unshare` work in a user namespace with the same map
+(`call_as_root_inside`, `with_own_mounts`), where the image's owners are themselves again.
+Without a range only root maps; other owners show as the overflow id.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -171,6 +173,9 @@ def call_as_root_inside(fn: Callable[[], T]) -> T:
                 payload = pickle.dumps((False, LayerfsError(f"{type(exc).__name__}: {exc}")))
         with contextlib.suppress(BaseException), os.fdopen(out_w, "wb") as out:
             out.write(payload)
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(0)
     os.close(out_w)
     try:
