@@ -41,6 +41,14 @@ def _acl_is_extended(path: Path) -> bool:
     return bool(out.strip())
 
 
+def _named_entries(path: Path) -> list[str]:
+    """The ACL entries of path that name a user or group (not the mask)."""
+    out = subprocess.run(["getfacl", "--skip-base", "--absolute-names", "--omit-header",
+                          str(path)], capture_output=True, text=True, check=False).stdout
+    return [line for line in out.splitlines()
+            if line.startswith(("user:", "group:")) and line.split(":")[1]]
+
+
 @dataclass
 class RootlessUser:
     name: str
@@ -110,10 +118,11 @@ class RootlessUser:
         subprocess.run(["setfacl", "-m", f"u:{self.uid}:rw", str(dev)], check=True)
 
     def revoke(self) -> None:
+        """Take this user's entries away again, and the whole extended ACL where it made one
+        and no other entry (another run's user, say) is left in it."""
         for path, was_extended in reversed(self._granted):
-            if was_extended:
-                subprocess.run(["setfacl", "-x", f"u:{self.uid}", str(path)], check=False)
-            else:
+            subprocess.run(["setfacl", "-x", f"u:{self.uid}", str(path)], check=False)
+            if not was_extended and not _named_entries(path):
                 subprocess.run(["setfacl", "-b", str(path)], check=False)
         self._granted.clear()
 
