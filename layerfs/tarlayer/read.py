@@ -659,10 +659,10 @@ class _Unpacker:
 
     def _owner(self, fd: int, leaf: bytes | None, member: tarfile.TarInfo, label: str) -> None:
         if not self._is_root:
-            # chown to another user needs CAP_CHOWN: files and directories keep their owner
-            # in the override xattr (as containers-storage does); others lose it, counted
-            # Every one of them: fuse-overlayfs wants one on each where the root has one.
-            # (Other kinds stay ours, which stands for root's in the image.)
+            # chown to another user needs CAP_CHOWN: every file and directory keeps its
+            # owner in the override xattr, as containers-storage does (fuse-overlayfs wants
+            # one on each where the layer's root has one); other kinds stay ours, which
+            # stands for root's in the image, and other owners of theirs are counted lost
             if not self._record_owner(fd, leaf, member) and (member.uid, member.gid) != (0, 0):
                 self._counts.owners_dropped += 1
             return
