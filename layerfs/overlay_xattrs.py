@@ -206,6 +206,12 @@ def parse_override(raw: bytes) -> tuple[int, int, int] | None:
     return uid, gid, mode
 
 
+def owner_in_image(uid: int, gid: int, store_owner: tuple[int, int]) -> tuple[int, int]:
+    """The owner a rootless store's object without an override has in the image: the
+    store's own ids stand for root's (symlinks and the like can carry no override)."""
+    return (0 if uid == store_owner[0] else uid, 0 if gid == store_owner[1] else gid)
+
+
 def format_override(uid: int, gid: int, mode: int) -> bytes:
     return b"%d:%d:0%o" % (uid, gid, mode & 0o7777)
 

@@ -1,5 +1,5 @@
-"""Linux syscalls that the os module lacks: renameat2, fallocate with a mode, FICLONE, and a
-sparse-aware data copy.
+"""Linux syscalls that the os module lacks: renameat2, fallocate with a mode, FICLONE, a
+sparse-aware data copy, and unshare and mount for the namespaces of `run` and rootless use.
 
 Only this module talks to libc through ctypes. Every function raises OSError with the errno
 the kernel returned.
@@ -21,6 +21,15 @@ _FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 _COPY_CHUNK = 1 << 30
 _NO_CLONE = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS)
 """FICLONE's answers for filesystems that cannot share these extents."""
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
@@ -59,6 +68,20 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 def make_whiteout(path: bytes) -> None:
     """The kernel overlayfs whiteout: a character device 0/0."""
     os.mknod(path, 0o020000, os.makedev(0, 0))
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) (os.unshare is Python 3.12's)."""
+    if _libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
+
+
+def mount(source: str, target: str, flags: int) -> None:
+    """mount(2) without a filesystem type or data: binds, remounts, propagation changes."""
+    if _libc.mount(source.encode(), target.encode(), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
 
 def process_umask() -> int:

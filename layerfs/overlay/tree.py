@@ -293,10 +293,7 @@ class MergedTree:
                 return Attr(node.ino, node.generation, st, nlink, blocks, override[0],
                             override[1], stat.S_IFMT(st.st_mode) | override[2])
             if self._layer_of(node) in self.override_layers:
-                # a rootless store's own files are root's in the image (symlinks and the
-                # like can have no override: this is their owner)
-                uid = 0 if st.st_uid == self.store_owner[0] else st.st_uid
-                gid = 0 if st.st_gid == self.store_owner[1] else st.st_gid
+                uid, gid = xattrs.owner_in_image(st.st_uid, st.st_gid, self.store_owner)
                 return Attr(node.ino, node.generation, st, nlink, blocks, uid, gid, st.st_mode)
         return Attr(node.ino, node.generation, st, nlink, blocks, st.st_uid, st.st_gid,
                     st.st_mode)

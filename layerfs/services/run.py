@@ -10,7 +10,6 @@ through; the exit status comes back (128+N for a signal, as a shell reports it).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import stat
@@ -18,36 +17,17 @@ import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from layerfs import syscalls
 from layerfs.errors import LayerfsError, UsageError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWNET = 0x40000000
-_MS_RDONLY = 1
-_MS_REMOUNT = 32
-_MS_BIND = 4096
-_MS_REC = 16384
-_MS_PRIVATE = 1 << 18
 BIND_MOUNTS = ("proc", "sys", "dev")
 HOST_FILES = ("etc/resolv.conf",)
 """Bound read-only from the host where the network is the host's, as docker and buildah do,
 so that names resolve in the container as on the host."""
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _mount(source: str, target: str, flags: int) -> None:
-    _check(_libc.mount(source.encode(), target.encode(), None, flags, None), f"mount {target}")
-
 
 @dataclass(frozen=True, slots=True)
 class Process:
@@ -163,14 +143,15 @@ def _enter(root: str, process: Process, binds: list[str], files: list[str],
     The working directory is made after the chroot, so that a symlink in the image can
     never lead it out of the container.
     """
-    _check(_libc.unshare(_CLONE_NEWNS | (0 if network else _CLONE_NEWNET)), "unshare")
-    _mount("none", "/", _MS_REC | _MS_PRIVATE)
+    syscalls.unshare(syscalls.CLONE_NEWNS | (0 if network else syscalls.CLONE_NEWNET))
+    syscalls.mount("none", "/", syscalls.MS_REC | syscalls.MS_PRIVATE)
     for name in binds:
-        _mount(f"/{name}", os.path.join(root, name), _MS_BIND | _MS_REC)
+        syscalls.mount(f"/{name}", os.path.join(root, name), syscalls.MS_BIND | syscalls.MS_REC)
     for name in files:
         target = os.path.join(root, name)
-        _mount(f"/{name}", target, _MS_BIND)
-        _mount("none", target, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
+        syscalls.mount(f"/{name}", target, syscalls.MS_BIND)
+        syscalls.mount("none", target,
+                       syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
     os.chroot(root)
     os.chdir("/")
     if not os.path.isdir(process.cwd):

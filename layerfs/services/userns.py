@@ -11,7 +11,6 @@ Without a range only root maps; other owners show as the overflow id.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import pwd
@@ -22,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+from layerfs import syscalls
 from layerfs.errors import LayerfsError
 from layerfs.fuse.idmap import IdMap
 
@@ -29,11 +29,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 T = TypeVar("T")
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNS = 0x00020000
-_MS_REC = 16384
-_MS_PRIVATE = 1 << 18
-_libc = ctypes.CDLL(None, use_errno=True)
 
 Ranges = tuple[tuple[int, int, int], ...]
 """(inside, outside, count) triples: image ids and the ids that stand for them outside."""
@@ -125,7 +120,9 @@ def fork_in_user_namespace(ranges: IdRanges) -> int:
     if pid == 0:
         os.close(ready_r)
         os.close(go_w)
-        if _libc.unshare(_CLONE_NEWUSER) != 0:
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWUSER)
+        except OSError:
             os._exit(126)
         os.write(ready_w, b"u")
         os.close(ready_w)
@@ -197,10 +194,8 @@ def with_own_mounts(fn: Callable[[], T]) -> T:
     (the kernel then shows owners through its map, and `allow_other` lets every process of
     the namespace in, whatever its user) and goes with it."""
     def inside() -> T:
-        if _libc.unshare(_CLONE_NEWNS) != 0:
-            raise OSError(ctypes.get_errno(), "unshare: a mount namespace")
-        if _libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
-            raise OSError(ctypes.get_errno(), "mount: making / private")
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        syscalls.mount("none", "/", syscalls.MS_REC | syscalls.MS_PRIVATE)
         return fn()
 
     return call_as_root_inside(inside)

@@ -107,8 +107,8 @@ def write_layer(entries: Iterable[LayerEntry], out: IO[bytes],
                 if override is not None:
                     info.uid, info.gid, info.mode = override
                 else:
-                    info.uid = 0 if st.st_uid == store_owner[0] else st.st_uid
-                    info.gid = 0 if st.st_gid == store_owner[1] else st.st_gid
+                    info.uid, info.gid = overlay_xattrs.owner_in_image(st.st_uid, st.st_gid,
+                                                                       store_owner)
             info.uname = info.gname = ""
             info.mtime = _clamp(int(st.st_mtime))
             info.pax_headers = _xattr_headers(entry.real)
