@@ -250,11 +250,11 @@ def _run_dir(stack: ExitStack, cache_dir: Path) -> Path:
     run_dir = cache_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir(parents=True)
     stack.callback(_remove_run_dir, run_dir)  # registered first, so it runs after every unmount
-    _spread_subdirs(run_dir)
+    spread_subdirs(run_dir)
     return run_dir
 
 
-def _spread_subdirs(run_dir: Path) -> None:
+def spread_subdirs(run_dir: Path) -> None:
     """Ask ext4 to place each group's scratch dir in a block group of its own (Orlov top dir).
 
     Why: ext4 skips inodes freed in the last 60 s (360 s while their table block is dirty; see
@@ -344,7 +344,7 @@ def _remove_big_copies(scratch: Path, names: Sequence[str]) -> None:
     """Delete the group's copies of the big files now, to bound disk use; the rest waits.
 
     Why the rest waits for the end of the benchmark: freeing thousands of inodes slows the creates
-    that follow on ext4 (see `_spread_subdirs`); a few inodes do not matter.
+    that follow on ext4 (see `spread_subdirs`); a few inodes do not matter.
     """
     if mounts.mounts_under(scratch):
         return  # never delete through a mount; the unmount failure is already on its way up

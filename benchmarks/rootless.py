@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 from benchmarks import mounts
 from benchmarks.layers import FULL, QUICK, RM_TREE, TREE, Layers, ensure_layers
-from benchmarks.overlay import DEFAULT_CACHE, DEFAULT_OUT
-from benchmarks.procs import REPO_ROOT, drop_caches
+from benchmarks.overlay import DEFAULT_CACHE, DEFAULT_OUT, spread_subdirs
+from benchmarks.procs import REPO_ROOT, drop_caches, sync
 
 if TYPE_CHECKING:
     import argparse
@@ -98,11 +98,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         user.grant_reach(layers.root)
         lowers = _users_copy(user, layers)
+        scratch = user.work / "home" / "runs"
+        user.mkdirs(scratch)
+        spread_subdirs(scratch)
         for run_index in range(runs):
             order = list(SYSTEMS) if run_index % 2 == 0 else list(reversed(SYSTEMS))
             for key, _label, cold, script in rows:
                 for system in order:
-                    seconds, used = _measure(user, layers, lowers, system, cold, script)
+                    seconds, used = _measure(user, layers, lowers, scratch, system, cold,
+                                             script)
                     times[key][system].append(seconds)
                     if used is not None:
                         cpu[key][system].append(used)
@@ -135,16 +139,18 @@ def _users_copy(user: RootlessUser, layers: Layers) -> str:
     return ":".join(copies)
 
 
-def _measure(user: RootlessUser, layers: Layers, lowers: str, system: str, cold: bool,
-             script: str) -> tuple[float, float | None]:
-    """One row on a fresh mount of `system` by the user: seconds, and the daemon's CPU."""
+def _measure(user: RootlessUser, layers: Layers, lowers: str, scratch: Path, system: str,
+             cold: bool, script: str) -> tuple[float, float | None]:
+    """One row on a fresh mount of `system` by the user: seconds, and the daemon's CPU.
+
+    The row's upper stays until the user is removed at the end: deleting it at once would
+    make the next system's creates pay for the inodes it freed (see `spread_subdirs`)."""
     from tests.rootless import VENV_BIN
 
     with ExitStack() as stack:
-        base = Path(user.work / "home" / f"bench-{time.monotonic_ns()}")
+        base = scratch / f"bench-{time.monotonic_ns()}"
         upper, work, mnt = base / "upper", base / "work", base / "mnt"
         user.mkdirs(base, upper, work, mnt)
-        stack.callback(shutil.rmtree, base, True)
         options = f"lowerdir={lowers},upperdir={upper},workdir={work}"
         argv = [part.format(venv=VENV_BIN, options=options) for part in SYSTEMS[system]]
         user.run([*argv, str(mnt)])
@@ -152,6 +158,8 @@ def _measure(user: RootlessUser, layers: Layers, lowers: str, system: str, cold:
         daemons = mounts.daemons_serving(mnt)
         if cold:
             drop_caches()
+        else:
+            sync()  # the last row's dirty pages (a copy of the whole tree) are not this one's
         body = script.format(python=VENV_BIN / "python", untar=layers.untar_archive)
         before = mounts.cpu_seconds(daemons[0]) if daemons else None
         start = time.perf_counter()
