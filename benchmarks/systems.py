@@ -31,6 +31,10 @@ DEFAULT_LAYERFS = REPO_ROOT / ".venv" / "bin" / "layerfs-overlay"
 NO_FSYNC = "layerfs-fsync=0"
 FSYNC_ROWS = ("copy_up*", "sqlite")
 """The groups where layerfs fsyncs copied-up data (so `fsync=0` differs from the default)."""
+PASSTHROUGH_ALL = "layerfs-passthrough=all"
+READ_ROWS = ("read_*", "python", "git_status")
+"""The groups that read lower files of the read-write mount, which `passthrough=all` hands to
+the kernel."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +193,10 @@ def all_systems(layerfs_program: Path) -> list[System]:
     a copy before renaming it into place, the kernel and layerfs by default do, so this is the
     comparison with fuse-overlayfs at equal durability, in the same run. Elsewhere the option
     changes nothing, and layerfs itself is that comparison.
+
+    `layerfs-passthrough=all` passes the lower files of the read-write mount through to the
+    kernel as well (readers opened before a copy-up then stay on the lower file, as on
+    fuse-overlayfs), on the rows that read them.
     """
     hint = "build it (pip install -e .), pass --layerfs PATH, or pass --skip {}"
     return [
@@ -197,6 +205,9 @@ def all_systems(layerfs_program: Path) -> list[System]:
         FuseOverlay(name=NO_FSYNC, program=str(layerfs_program),
                     skip_hint=hint.format(NO_FSYNC), extra_options="fsync=0",
                     only=FSYNC_ROWS),
+        FuseOverlay(name=PASSTHROUGH_ALL, program=str(layerfs_program),
+                    skip_hint=hint.format(PASSTHROUGH_ALL), extra_options="passthrough=all",
+                    only=READ_ROWS),
         FuseOverlay(
             name="fuse-overlayfs",
             program="fuse-overlayfs",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -280,7 +281,13 @@ def daemon_pid(mnt: Path) -> int:
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+        return any(_unescaped(line.split()[1]) == target for line in f)
+
+
+def _unescaped(field: str) -> str:
+    """A /proc/self/mounts field: the kernel writes space, tab, newline and backslash as octal
+    escapes (`\\040`)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def unmount(path: Path) -> None:

@@ -4,11 +4,15 @@ no copy-up can move the data (every file of a read-only mount, files in the uppe
 Whether a read went through the daemon shows in what the daemon itself read (`rchar` of
 /proc/PID/io): a passthrough read of 32 MiB costs it a few requests, a served one 32 MiB.
 Semantics are the kernel overlayfs's, compared on the same kind of layers: a reader of a lower
-file reads the copy once another process copies the file up.
+file reads the copy once another process copies the file up (fuse-overlayfs shows it the
+copy's data too); with `passthrough=all` it keeps the lower file, and opens for writing are
+refused (ETXTBSY) until it closes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mmap
 import os
 import subprocess
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING
 from tests.fsapi import Layers, daemon_pid, kernel_overlay, mounted_overlay, unmount
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 SIZE = 32 << 20
@@ -126,6 +130,101 @@ def test_a_reader_of_a_lower_file_reads_the_copy_after_a_copy_up(tmp_path: Path)
             if name == "layerfs":
                 assert _daemon_reads(mnt, partial(_read_all, mnt / "big")) > SERVED
     assert results["layerfs"] == results["kernel"] == (b"lower data\n", b"UPPER data\n")
+
+
+@contextlib.contextmanager
+def _fuse_overlayfs(layers: Layers, mnt: Path) -> Iterator[None]:
+    subprocess.run(["fuse-overlayfs", "-o", layers.option(), str(mnt)], check=True,
+                   capture_output=True)
+    try:
+        yield
+    finally:
+        unmount(mnt)
+
+
+def _passthrough_all(layers: Layers, mnt: Path) -> contextlib.AbstractContextManager[object]:
+    return mounted_overlay(layers, mnt, "-o", "passthrough=all")
+
+
+def _readers_across_a_copy_up(mnt: Path) -> list[bytes]:
+    """A reader opened before another process copies the file up and writes it, one opened
+    after (while the first is still open), and a read once both are closed."""
+    seen = []
+    early = os.open(mnt / "small", os.O_RDONLY)
+    try:
+        seen.append(os.pread(early, 100, 0))
+        writer = os.open(mnt / "small", os.O_RDWR)
+        try:
+            os.pwrite(writer, b"UPPER", 0)
+            late = os.open(mnt / "small", os.O_RDONLY)
+            try:
+                seen.append(os.pread(late, 100, 0))
+                os.pwrite(writer, b" more", 5)
+                seen.append(os.pread(late, 100, 0))
+            finally:
+                os.close(late)
+        finally:
+            os.close(writer)
+        seen.append(os.pread(early, 100, 0))
+    finally:
+        os.close(early)
+    seen.append(_read_all(mnt / "small"))
+    return seen
+
+
+def test_a_reader_of_a_lower_file_sees_the_copy_on_every_peer(tmp_path: Path) -> None:
+    """Readers opened before and during a copy-up, by default: the kernel's overlayfs moves the
+    early one to the copy, fuse-overlayfs shows it the copy's data through FUSE's page cache of
+    the inode, layerfs serves it from the copy."""
+    results = {}
+    for name, mount in (("kernel", kernel_overlay), ("fuse-overlayfs", _fuse_overlayfs),
+                        ("layerfs", mounted_overlay)):
+        layers = _layers(tmp_path / name)
+        mnt = tmp_path / name / "mnt"
+        mnt.mkdir()
+        with mount(layers, mnt):
+            results[name] = _readers_across_a_copy_up(mnt)
+        assert (layers.upper / "small").read_bytes() == b"UPPER more\n"
+        assert (layers.lowers[0] / "small").read_bytes() == b"lower data\n"
+    assert results["kernel"] == results["fuse-overlayfs"] == results["layerfs"] == [
+        b"lower data\n", b"UPPER data\n", b"UPPER more\n", b"UPPER more\n", b"UPPER more\n"]
+
+
+def test_passthrough_all_leaves_early_readers_on_the_lower_file(tmp_path: Path) -> None:
+    """`passthrough=all`: lower files of a read-write mount pass through as well. A reader
+    that opened one keeps the lower file until it closes it, so nothing may open it for
+    writing meanwhile (ETXTBSY): an mmap of that open would map the lower file. A copy-up
+    without an open (truncate) is served: later readers read the copy through the daemon."""
+    layers = _layers(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _passthrough_all(layers, mnt):
+        expected = _read_all(layers.lowers[0] / "big")
+        assert _daemon_reads(mnt, lambda: _read_all(mnt / "big") == expected) < SERVED
+        early = os.open(mnt / "small", os.O_RDONLY)
+        try:
+            assert os.pread(early, 100, 0) == b"lower data\n"
+            for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):
+                try:
+                    os.close(os.open(mnt / "small", flags))
+                except OSError as exc:
+                    assert exc.errno == errno.ETXTBSY
+                else:
+                    raise AssertionError(f"open({flags:#o}) of a passed-through lower file")
+            os.truncate(mnt / "small", 5)
+            assert os.pread(early, 100, 0) == b"lower data\n"
+            assert _read_all(mnt / "small") == b"lower"
+        finally:
+            os.close(early)
+        (mnt / "small").write_bytes(b"written\n")
+        assert _read_all(mnt / "small") == b"written\n"
+        with open(mnt / "big", "r+b") as f:  # a copy-up: from now on the upper's passes through
+            f.write(b"UPPER")
+        assert _daemon_reads(mnt, partial(_read_all, mnt / "big")) < SERVED
+    assert (layers.upper / "small").read_bytes() == b"written\n"
+    assert (layers.lowers[0] / "small").read_bytes() == b"lower data\n"
+    assert _read_all(layers.upper / "big")[:5] == b"UPPER"
+    assert _read_all(layers.lowers[0] / "big") == expected
 
 
 def test_passthrough_0_serves_every_read(tmp_path: Path) -> None:

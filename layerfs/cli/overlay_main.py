@@ -151,6 +151,9 @@ def _spec(mountpoint: str, option_args: list[str]) -> OverlaySpec:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    passthrough = values.get("passthrough", "1")
+    if passthrough not in ("0", "1", "all"):
+        raise UsageError(f"passthrough={passthrough}: 0, 1 or all")
     upper = values.get("upperdir")
     if "ro" in flags:
         upper = None
@@ -162,7 +165,8 @@ def _spec(mountpoint: str, option_args: list[str]) -> OverlaySpec:
         fsname=values.get("fsname", "layerfs-overlay"),
         fuse_options=frozenset(fuse_options - {"ro"}),
         sync_copy_up=values.get("fsync", "1") != "0",
-        passthrough=values.get("passthrough", "1") != "0",
+        passthrough=passthrough != "0",
+        passthrough_lowers=passthrough == "all",
         log_file=values.get("log"),
         userxattr="userxattr" in values,
         ids=ids,

@@ -49,6 +49,8 @@ class OverlaySpec:
     fuse_options: frozenset[str] = field(default_factory=frozenset)
     sync_copy_up: bool = True
     passthrough: bool = True
+    passthrough_lowers: bool = False
+    """Lower files of a read-write mount pass through too (`passthrough=all`)."""
     log_file: str | None = None
     userxattr: bool = False
     """The `user.overlay.` on-disk format even as root (it is the only one otherwise)."""
@@ -144,7 +146,8 @@ def serve(spec: OverlaySpec, ready: Callable[[], None]) -> None:
         options = set(spec.fuse_options)
         if spec.upper is None:
             options.add("ro")
-        operations = OverlayOperations(engine, passthrough=spec.passthrough, ids=spec.ids)
+        operations = OverlayOperations(engine, passthrough=spec.passthrough,
+                                       passthrough_lowers=spec.passthrough_lowers, ids=spec.ids)
         session_signals = (signal.SIGTERM, signal.SIGINT, FREEZE_SIGNAL, THAW_SIGNAL)
         session: Session | None = None
 

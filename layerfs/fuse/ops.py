@@ -84,16 +84,20 @@ class _Cookies:
 
 class OverlayOperations:
     def __init__(self, engine: Engine, *, passthrough: bool = True,
-                 ids: IdMap = IDENTITY) -> None:
+                 passthrough_lowers: bool = False, ids: IdMap = IDENTITY) -> None:
         """`passthrough`: let the kernel read and write files whose data no copy-up can move
-        (all files of a read-only mount, files in the upper) without asking us. `ids`: how
-        owners on disk are shown, and callers' ids stored (`layerfs.fuse.idmap`)."""
+        (all files of a read-only mount, files in the upper) without asking us.
+        `passthrough_lowers`: lower files of a read-write mount too, whose readers then keep
+        the lower file when another process copies it up (fuse-overlayfs's semantics, not the
+        kernel's overlayfs's). `ids`: how owners on disk are shown, and callers' ids stored
+        (`layerfs.fuse.idmap`)."""
         self._ids = ids
         self.lock = threading.Lock()
         self.requests_waiting: Callable[[], bool] = lambda: True  # the session's, once attached
         self.kernel_flags = 0  # the session's, after INIT
         self.device_fd = -1  # the session's
         self.wants_passthrough = passthrough
+        self._passthrough_lowers = passthrough_lowers
         self._engine = engine
         self._backing: BackingFiles | None = None  # made at the first open, after INIT
         self._backing_ids: dict[int, int] = {}
@@ -220,18 +224,26 @@ class OverlayOperations:
             backing = self._backing = BackingFiles(
                 self.device_fd, self.wants_passthrough and bool(self.kernel_flags & P.PASSTHROUGH))
         # A lower file of a read-write mount may be copied up while open, and its readers must
-        # then read the copy (as on the kernel's overlayfs): only we can move them.
+        # then read the copy (as on the kernel's overlayfs): only we can move them, unless the
+        # mount says they may stay on the lower file (passthrough=all).
         # O_DIRECT stays ours: we serve it buffered, where the backing file would refuse
         # unaligned requests (EINVAL)
         direct = bool(handle.flags & os.O_DIRECT)
-        wanted = (handle.layer == UPPER or self._engine.upper is None) and not direct
-        backing_id = backing.open(handle.node.ino, handle.fd, wanted)
+        wanted = (handle.layer == UPPER or self._engine.upper is None
+                  or self._passthrough_lowers) and not direct
+        writable = bool(handle.flags & (os.O_WRONLY | os.O_RDWR))
+        if writable and backing.backs_lower(handle.node.ino):
+            self._engine.release(handle)  # a create's open of an existing file
+            raise OSError(errno.ETXTBSY, "a lower file backs readers of this file")
+        backing_id, stale = backing.open(handle.node.ino, handle.fd, handle.data_gen, wanted,
+                                         handle.layer != UPPER)
         if backing_id:
             self._backing_ids[fh] = backing_id
-            # of an inode in passthrough mode, an O_DIRECT open must name its backing file
-            # too; FOPEN_DIRECT_IO sends its reads and writes to us all the same
-            flags = P.FOPEN_PASSTHROUGH | P.FOPEN_NOFLUSH | (P.FOPEN_DIRECT_IO if direct else 0)
-            return P.OPEN_OUT.pack(fh, flags, backing_id)
+            # of an inode in passthrough mode, every open must name its backing file, also
+            # one that is O_DIRECT or must see newer data than the backing file holds;
+            # FOPEN_DIRECT_IO sends its reads and writes to us all the same
+            served = P.FOPEN_DIRECT_IO if direct or stale else 0
+            return P.OPEN_OUT.pack(fh, P.FOPEN_PASSTHROUGH | P.FOPEN_NOFLUSH | served, backing_id)
         return P.OPEN_OUT.pack(fh, P.FOPEN_KEEP_CACHE | P.FOPEN_NOFLUSH, 0)
 
     # -------------------------------------------------------------- lookup and attributes
@@ -404,6 +416,10 @@ class OverlayOperations:
     def open(self, req: Request) -> Reply:
         flags, open_flags = P.OPEN_IN.unpack_from(req.body)
         node = self._node(req.nodeid)
+        if flags & (os.O_WRONLY | os.O_RDWR) and self._backing is not None and \
+                self._backing.backs_lower(node.ino):
+            # readers opened with passthrough=all map the lower file: a writer's map would too
+            raise OSError(errno.ETXTBSY, "a lower file backs readers of this file")
         if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_TRUNC:
             self._copy_up(node)
         handle = self._engine.open(node, flags)

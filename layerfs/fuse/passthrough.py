@@ -8,6 +8,14 @@ file for all its passthrough opens; an inode is either in passthrough mode or in
 So an inode's backing id lives as long as it has passthrough opens, and an open of an inode with
 cached opens stays cached.
 
+A backing file holds one generation of a node's data. With `passthrough=all` a lower file of a
+read-write mount passes through too, and a copy-up while it is open leaves its readers on the
+lower file; every later open of the inode, until those close, must still name that backing file,
+so it is answered with FOPEN_DIRECT_IO as well: its reads and writes come to the daemon, which
+serves them from the copy. An `mmap` of such an open maps the backing file all the same (the
+kernel opens it with the opener's flags), so an open for writing must never get one: while a
+lower file backs an inode, opening it for writing is refused (ETXTBSY), before any copy-up.
+
 Where the kernel refuses (no CAP_SYS_ADMIN, no CONFIG_FUSE_PASSTHROUGH: EPERM; a backing file on
 a stacked filesystem: ELOOP) the open is served the ordinary way; EPERM turns passthrough off for
 the connection, since every later attempt would fail the same way.
@@ -27,6 +35,10 @@ _REFUSED_FOR_GOOD = (errno.EPERM, errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP)
 @dataclass(slots=True)
 class _Inode:
     backing_id: int = 0
+    data_gen: int = 0
+    """The generation of the node's data that the backing file holds."""
+    lower: bool = False
+    """Whether the backing file is a lower layer's, which nothing may write."""
     passthrough_opens: int = 0
     cached_opens: int = 0
 
@@ -39,25 +51,35 @@ class BackingFiles:
     enabled: bool
     _inodes: dict[int, _Inode] = field(default_factory=dict)
 
-    def open(self, ino: int, fd: int, wanted: bool) -> int:
-        """Account one open of `ino` (real file `fd`); the backing id to answer it with, or 0
-        for a cached open (not `wanted`, refused, or other opens of `ino` are cached)."""
+    def backs_lower(self, ino: int) -> bool:
+        """Whether a lower file is the backing file of `ino` now (see the module's text)."""
+        inode = self._inodes.get(ino)
+        return inode is not None and inode.lower and bool(inode.backing_id)
+
+    def open(self, ino: int, fd: int, data_gen: int, wanted: bool,
+             lower: bool) -> tuple[int, bool]:
+        """Account one open of `ino` (real file `fd`, of a lower layer if `lower`, holding
+        generation `data_gen` of the node's data): the backing id to answer it with, or 0 for
+        a cached open (not `wanted`, refused, or other opens of `ino` are cached); and whether
+        the backing file holds an older generation, so that the daemon must serve this open's
+        reads and writes."""
         inode = self._inodes.get(ino)
         if inode is None:
             inode = self._inodes[ino] = _Inode()
         if wanted and self.enabled and not inode.cached_opens:
             if not inode.backing_id:
                 inode.backing_id = self._register(fd)
+                inode.data_gen, inode.lower = data_gen, lower
             if inode.backing_id:
                 inode.passthrough_opens += 1
-                return inode.backing_id
+                return inode.backing_id, inode.data_gen != data_gen
         if inode.passthrough_opens:
             # the kernel refuses a cached open of an inode in passthrough mode: this one
             # passes through as well (it may be a read of a file that only the upper holds)
             inode.passthrough_opens += 1
-            return inode.backing_id
+            return inode.backing_id, inode.data_gen != data_gen
         inode.cached_opens += 1
-        return 0
+        return 0, False
 
     def release(self, ino: int, backing_id: int) -> None:
         """One open of `ino` is closed: the backing file goes with its last passthrough open."""
