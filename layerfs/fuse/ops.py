@@ -88,9 +88,9 @@ class OverlayOperations:
         """`passthrough`: let the kernel read and write files whose data no copy-up can move
         (all files of a read-only mount, files in the upper) without asking us.
         `passthrough_lowers`: lower files of a read-write mount too, whose readers then keep
-        the lower file when another process copies it up (fuse-overlayfs's semantics, not the
-        kernel's overlayfs's). `ids`: how owners on disk are shown, and callers' ids stored
-        (`layerfs.fuse.idmap`)."""
+        the lower file when another process copies it up, and which nobody may open for
+        writing meanwhile (`layerfs.fuse.passthrough`). `ids`: how owners on disk are shown,
+        and callers' ids stored (`layerfs.fuse.idmap`)."""
         self._ids = ids
         self.lock = threading.Lock()
         self.requests_waiting: Callable[[], bool] = lambda: True  # the session's, once attached
@@ -218,11 +218,14 @@ class OverlayOperations:
     def _open_reply(self, handle: Handle) -> bytes:
         # Every change goes through this mount, so cached pages stay right; and a close has
         # nothing for us to do (no locks, writes are not buffered), so the kernel sends no FLUSH.
-        fh = self._new_fh(handle)
         backing = self._backing
         if backing is None:
             backing = self._backing = BackingFiles(
                 self.device_fd, self.wants_passthrough and bool(self.kernel_flags & P.PASSTHROUGH))
+        if handle.flags & (os.O_WRONLY | os.O_RDWR) and backing.backs_lower(handle.node.ino):
+            self._engine.release(handle)  # a create's open of an existing file
+            raise OSError(errno.ETXTBSY, "a lower file backs readers of this file")
+        fh = self._new_fh(handle)
         # A lower file of a read-write mount may be copied up while open, and its readers must
         # then read the copy (as on the kernel's overlayfs): only we can move them, unless the
         # mount says they may stay on the lower file (passthrough=all).
@@ -231,10 +234,6 @@ class OverlayOperations:
         direct = bool(handle.flags & os.O_DIRECT)
         wanted = (handle.layer == UPPER or self._engine.upper is None
                   or self._passthrough_lowers) and not direct
-        writable = bool(handle.flags & (os.O_WRONLY | os.O_RDWR))
-        if writable and backing.backs_lower(handle.node.ino):
-            self._engine.release(handle)  # a create's open of an existing file
-            raise OSError(errno.ETXTBSY, "a lower file backs readers of this file")
         backing_id, stale = backing.open(handle.node.ino, handle.fd, handle.data_gen, wanted,
                                          handle.layer != UPPER)
         if backing_id:
