@@ -195,8 +195,8 @@ def all_systems(layerfs_program: Path) -> list[System]:
     changes nothing, and layerfs itself is that comparison.
 
     `layerfs-passthrough=all` passes the lower files of the read-write mount through to the
-    kernel as well (readers opened before a copy-up then stay on the lower file, as on
-    fuse-overlayfs), on the rows that read them.
+    kernel as well (a reader opened before a copy-up then stays on the lower file, and writers
+    are refused until it closes it), on the rows that read them.
     """
     hint = "build it (pip install -e .), pass --layerfs PATH, or pass --skip {}"
     return [

@@ -215,6 +215,13 @@ class OverlayOperations:
         self._files[fh] = handle
         return fh
 
+    def _refuse_writer_of_lower_backing(self, node: Node, flags: int) -> None:
+        """ETXTBSY for an open for writing while a lower file backs `node`'s readers
+        (passthrough=all): the kernel would map that file for the writer's mmap too."""
+        if flags & (os.O_WRONLY | os.O_RDWR) and self._backing is not None and \
+                self._backing.backs_lower(node.ino):
+            raise OSError(errno.ETXTBSY, "a lower file backs readers of this file")
+
     def _open_reply(self, handle: Handle) -> bytes:
         # Every change goes through this mount, so cached pages stay right; and a close has
         # nothing for us to do (no locks, writes are not buffered), so the kernel sends no FLUSH.
@@ -222,9 +229,11 @@ class OverlayOperations:
         if backing is None:
             backing = self._backing = BackingFiles(
                 self.device_fd, self.wants_passthrough and bool(self.kernel_flags & P.PASSTHROUGH))
-        if handle.flags & (os.O_WRONLY | os.O_RDWR) and backing.backs_lower(handle.node.ino):
+        try:
+            self._refuse_writer_of_lower_backing(handle.node, handle.flags)
+        except OSError:
             self._engine.release(handle)  # a create's open of an existing file
-            raise OSError(errno.ETXTBSY, "a lower file backs readers of this file")
+            raise
         fh = self._new_fh(handle)
         # A lower file of a read-write mount may be copied up while open, and its readers must
         # then read the copy (as on the kernel's overlayfs): only we can move them, unless the
@@ -415,10 +424,7 @@ class OverlayOperations:
     def open(self, req: Request) -> Reply:
         flags, open_flags = P.OPEN_IN.unpack_from(req.body)
         node = self._node(req.nodeid)
-        if flags & (os.O_WRONLY | os.O_RDWR) and self._backing is not None and \
-                self._backing.backs_lower(node.ino):
-            # readers opened with passthrough=all map the lower file: a writer's map would too
-            raise OSError(errno.ETXTBSY, "a lower file backs readers of this file")
+        self._refuse_writer_of_lower_backing(node, flags)  # before it copies up
         if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_TRUNC:
             self._copy_up(node)
         handle = self._engine.open(node, flags)
