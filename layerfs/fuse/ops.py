@@ -229,11 +229,6 @@ class OverlayOperations:
         if backing is None:
             backing = self._backing = BackingFiles(
                 self.device_fd, self.wants_passthrough and bool(self.kernel_flags & P.PASSTHROUGH))
-        try:
-            self._refuse_writer_of_lower_backing(handle.node, handle.flags)
-        except OSError:
-            self._engine.release(handle)  # a create's open of an existing file
-            raise
         fh = self._new_fh(handle)
         # A lower file of a read-write mount may be copied up while open, and its readers must
         # then read the copy (as on the kernel's overlayfs): only we can move them, unless the
@@ -437,6 +432,12 @@ class OverlayOperations:
         name = _name(req.body[P.CREATE_IN.size:])
         node, handle, attr = self._engine.create(self._node(req.nodeid), name, mode, flags,
                                                  *self._caller(req), umask)
+        try:  # a new file, unless its inode number folded onto one a lower file backs
+            self._refuse_writer_of_lower_backing(node, flags)
+        except OSError:
+            self._engine.release(handle)
+            self._forget(node.ino, 1)  # the kernel never hears of this entry
+            raise
         if open_flags & P.OPEN_KILL_SUIDGID:  # O_TRUNC of an existing file
             self._engine.drop_setid(node)
             attr = self._engine.getattr(node)
