@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 
 COMPILED = (
     "layerfs/fuse/protocol.py", "layerfs/fuse/session.py", "layerfs/fuse/ops.py",
-    "layerfs/fuse/passthrough.py", "layerfs/overlay/engine.py", "layerfs/overlay/tree.py",
-    "layerfs/overlay/nodes.py", "layerfs/overlay/lowers.py", "layerfs/overlay/copyup.py",
-    "layerfs/overlay/acl.py", "layerfs/realfs.py", "layerfs/overlay_xattrs.py",
+    "layerfs/fuse/passthrough.py", "layerfs/fuse/splice.py", "layerfs/overlay/engine.py",
+    "layerfs/overlay/tree.py", "layerfs/overlay/nodes.py", "layerfs/overlay/lowers.py",
+    "layerfs/overlay/copyup.py", "layerfs/overlay/acl.py", "layerfs/realfs.py",
+    "layerfs/overlay_xattrs.py",
 )
 """The modules mypyc compiles (setup.py reads this list): what every request runs through."""
 

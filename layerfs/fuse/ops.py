@@ -25,6 +25,7 @@ from layerfs.fuse import protocol as P
 from layerfs.fuse.idmap import IDENTITY, IdMap
 from layerfs.fuse.passthrough import BackingFiles
 from layerfs.fuse.session import MAX_WRITE, Defer, Reply, Request
+from layerfs.fuse.splice import SPLICE_MIN, SplicedReplies
 from layerfs.overlay.nodes import UPPER
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ class OverlayOperations:
         self._copy_up_locks: dict[int, tuple[threading.Lock, list[int]]] = {}
         self._cookies: dict[int, _Cookies] = {}
         self._read_buffer = bytearray(MAX_WRITE)  # the loop's: its reply is written at once
+        self._spliced: SplicedReplies | None = None  # the loop's, made at its first big read
 
     def handlers(self) -> dict[int, Callable[[Request], Reply]]:
         op = P.Op
@@ -449,6 +451,14 @@ class OverlayOperations:
         handle = self._handle(fh)
         fd = self._engine.reading_fd(handle)
         if threading.get_ident() == self._loop_thread and size <= len(self._read_buffer):
+            # Spliced when nobody waits, since splice may wait for the disk: else what the
+            # page cache holds is served at once and the rest deferred.
+            if size >= SPLICE_MIN and not self.requests_waiting():
+                spliced = self._spliced
+                if spliced is None:
+                    spliced = self._spliced = SplicedReplies(self.device_fd)
+                if spliced.reply(req.unique, fd, off, size):
+                    return None
             view = memoryview(self._read_buffer)[:size]
             n = self._read_cached(handle, fd, view, off)
             # A short read means end of file to the kernel: only the real end may be one.
@@ -523,6 +533,9 @@ class OverlayOperations:
         return P.LSEEK_OUT.pack(self._engine.lseek(self._handle(fh), off, whence))
 
     def destroy(self, req: Request) -> Reply:
+        if self._spliced is not None:
+            self._spliced.close()
+            self._spliced = None
         return b""
 
     # -------------------------------------------------------------- directories
