@@ -446,7 +446,8 @@ class OverlayOperations:
         return [self._entry(attr), self._open_reply(handle)]
 
     def read(self, req: Request) -> Reply:
-        """From the page cache on the loop thread; what needs the disk, on a worker."""
+        """On the loop thread: spliced from the file when no other request waits, else what
+        the page cache holds, at once; what needs the disk then goes to a worker."""
         fh, off, size, *_ = P.READ_IN.unpack_from(req.body)
         handle = self._handle(fh)
         fd = self._engine.reading_fd(handle)
