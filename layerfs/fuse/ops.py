@@ -109,7 +109,7 @@ class OverlayOperations:
         self._copy_up_locks: dict[int, tuple[threading.Lock, list[int]]] = {}
         self._cookies: dict[int, _Cookies] = {}
         self._read_buffer = bytearray(MAX_WRITE)  # the loop's: its reply is written at once
-        self._spliced: SplicedReplies | None = None  # the loop's, made at its first big read
+        self._spliced: SplicedReplies | None = None  # the loop's, made at its first read
 
     def handlers(self) -> dict[int, Callable[[Request], Reply]]:
         op = P.Op
