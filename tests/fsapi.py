@@ -278,6 +278,21 @@ def daemon_pid(mnt: Path) -> int:
     raise AssertionError(f"no daemon found for {mnt}")
 
 
+def daemon_rchar(pid: int) -> int:
+    """What process `pid` has read with read(2) and its kin (`rchar` of /proc/PID/io): the file
+    data that went through its memory, which passthrough and splice do not count."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/{pid}/io: no rchar")
+
+
+def drop_caches() -> None:
+    """Write back, then drop the page, dentry and inode caches: the next access is cold."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mounts") as f:

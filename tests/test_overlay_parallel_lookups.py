@@ -10,7 +10,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from tests.fsapi import Layers, kernel_overlay, mounted_overlay
+from tests.fsapi import Layers, drop_caches, kernel_overlay, mounted_overlay
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -49,9 +49,7 @@ def _seen(mnt: Path) -> dict[str, tuple[int, int] | None]:
     """Each name's (mode, size), or None where it does not exist, looked up by THREADS
     threads at once, each through the names of its own directories first."""
     names = _names()
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
+    drop_caches()
 
     def look(name: str) -> tuple[str, tuple[int, int] | None]:
         try:

@@ -19,7 +19,14 @@ import subprocess
 from functools import partial
 from typing import TYPE_CHECKING
 
-from tests.fsapi import Layers, daemon_pid, kernel_overlay, mounted_overlay, unmount
+from tests.fsapi import (
+    Layers,
+    daemon_pid,
+    daemon_rchar,
+    kernel_overlay,
+    mounted_overlay,
+    unmount,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -28,13 +35,6 @@ if TYPE_CHECKING:
 SIZE = 32 << 20
 SERVED = SIZE // 2
 """More than this read by the daemon: the file's data went through it."""
-
-
-def _daemon_read(pid: int) -> int:
-    for line in open(f"/proc/{pid}/io").read().splitlines():  # noqa: SIM115 (a /proc read)
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError(f"/proc/{pid}/io: no rchar")
 
 
 def _layers(base: Path) -> Layers:
@@ -53,9 +53,9 @@ def _read_all(path: Path) -> bytes:
 
 def _daemon_reads(mnt: Path, action: Callable[[], object]) -> int:
     pid = daemon_pid(mnt)
-    before = _daemon_read(pid)
+    before = daemon_rchar(pid)
     action()
-    return _daemon_read(pid) - before
+    return daemon_rchar(pid) - before
 
 
 def test_a_read_only_mount_passes_every_file_through(tmp_path: Path) -> None:

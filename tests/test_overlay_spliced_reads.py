@@ -13,7 +13,7 @@ import os
 import random
 from typing import TYPE_CHECKING
 
-from tests.fsapi import Layers, daemon_pid, mounted_overlay
+from tests.fsapi import Layers, daemon_pid, daemon_rchar, drop_caches, mounted_overlay
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -22,33 +22,19 @@ SIZE = (3 << 20) + 1234  # not a whole number of pages
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _layers(base: Path, data: bytes) -> Layers:
-    dirs = [base / n for n in ("lower", "upper", "work")]
+def _layers(base: Path, data: bytes) -> tuple[Layers, Path]:
+    """A lower holding `data` as `file` (and its start as `small`), and a mountpoint."""
+    dirs = [base / n for n in ("lower", "upper", "work", "mnt")]
     for d in dirs:
         d.mkdir(parents=True)
     (dirs[0] / "file").write_bytes(data)
     (dirs[0] / "small").write_bytes(data[:5000])
-    return Layers([dirs[0]], dirs[1], dirs[2])
-
-
-def _rchar(pid: int) -> int:
-    for line in open(f"/proc/{pid}/io").read().splitlines():  # noqa: SIM115 (a /proc read)
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError(f"/proc/{pid}/io: no rchar")
-
-
-def _drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
+    return Layers([dirs[0]], dirs[1], dirs[2]), dirs[3]
 
 
 def test_reads_at_any_offset_and_size_give_the_files_bytes(tmp_path: Path) -> None:
     data = random.Random(7).randbytes(SIZE)
-    layers = _layers(tmp_path, data)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    layers, mnt = _layers(tmp_path, data)
     rng = random.Random(8)
     cases = [(0, SIZE), (SIZE - 100, 1 << 20), (SIZE, 4096), (SIZE + 5000, 4096), (1, 300_000),
              (PAGE - 1, 2 * PAGE + 3)]
@@ -56,7 +42,7 @@ def test_reads_at_any_offset_and_size_give_the_files_bytes(tmp_path: Path) -> No
               for _ in range(200)]
     with mounted_overlay(layers, mnt):
         for flags in (os.O_RDONLY, os.O_RDONLY | os.O_DIRECT):
-            _drop_caches()  # cold and warm pages alike
+            drop_caches()  # cold and warm pages alike
             fd = os.open(mnt / "file", flags)
             try:
                 for off, size in cases:
@@ -68,12 +54,10 @@ def test_reads_at_any_offset_and_size_give_the_files_bytes(tmp_path: Path) -> No
 
 def test_big_reads_of_a_lower_file_do_not_pass_through_the_daemon(tmp_path: Path) -> None:
     data = os.urandom(SIZE)
-    layers = _layers(tmp_path, data)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    layers, mnt = _layers(tmp_path, data)
     with mounted_overlay(layers, mnt):
         pid = daemon_pid(mnt)
-        before = _rchar(pid)
+        before = daemon_rchar(pid)
         # O_DIRECT: every read reaches the daemon, one at a time, none from the page cache;
         # 512 KiB fits the pipe of any user with its header (1 MiB needs root's bigger pipe)
         fd = os.open(mnt / "file", os.O_RDONLY | os.O_DIRECT)
@@ -82,14 +66,12 @@ def test_big_reads_of_a_lower_file_do_not_pass_through_the_daemon(tmp_path: Path
         finally:
             os.close(fd)
         assert got == data
-        assert _rchar(pid) - before < SIZE // 4
+        assert daemon_rchar(pid) - before < SIZE // 4
 
 
 def test_a_reader_reads_the_copy_once_the_file_is_copied_up(tmp_path: Path) -> None:
     data = os.urandom(SIZE)
-    layers = _layers(tmp_path, data)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    layers, mnt = _layers(tmp_path, data)
     with mounted_overlay(layers, mnt):
         reader = os.open(mnt / "file", os.O_RDONLY | os.O_DIRECT)
         try:

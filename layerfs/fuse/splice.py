@@ -11,8 +11,9 @@ reading and writing, 11.4 s splicing reads of 8 KiB and more, 10.9-11.1 s splici
 The header goes into the pipe first and carries the reply's length, so the length must be known
 before the data is read: it is what the file's size leaves of the request. Should splice still
 yield less (the file shrank meanwhile, which nobody may do to a lower), the pipe is emptied and
-what it held is sent the ordinary way. The pipe is non-blocking: a reply that does not fit fails
-with EAGAIN instead of waiting for a reader that is ourselves.
+the caller reads the ordinary way, which knows a short read from the end of the file. The
+pipe is non-blocking: a reply that does not fit fails with EAGAIN instead of waiting for a
+reader that is ourselves.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class SplicedReplies:
     def reply(self, unique: int, fd: int, off: int, size: int) -> bool:
         """Answer READ `unique` with up to `size` bytes of `fd` at `off`; False, having sent
         nothing, where the caller should read the ordinary way (a read past the end, too big
-        for the pipe, or from a file that cannot splice)."""
+        for the pipe, from a file that cannot splice or that shrank meanwhile)."""
         length = min(size, os.fstat(fd).st_size - off)
         # a pipe buffer per page the data touches, and one for the header
         if length <= 0 or (off % P.PAGE_SIZE + length - 1) // P.PAGE_SIZE + 2 > self._slots:
@@ -70,10 +71,9 @@ class SplicedReplies:
             if exc.errno in (errno.EINVAL, errno.EAGAIN, errno.EOPNOTSUPP):
                 return False
             raise
-        if got < length:  # shorter than its size said: send what came
-            data = self._drain()[P.OUT_HEADER.size:]
-            self._send([P.OUT_HEADER.pack(P.OUT_HEADER.size + len(data), 0, unique), data])
-            return True
+        if got < length:  # shorter than its size said
+            self._drain()
+            return False
         try:
             os.splice(self._r, self._device, P.OUT_HEADER.size + length)
         except OSError as exc:
@@ -82,21 +82,11 @@ class SplicedReplies:
                 raise
         return True
 
-    def _drain(self) -> bytes:
-        parts = []
+    def _drain(self) -> None:
+        """Empty the pipe of a reply that will not be sent."""
         while True:
             try:
-                chunk = os.read(self._r, _PIPE_SIZES[0])
+                if not os.read(self._r, _PIPE_SIZES[0]):
+                    return
             except BlockingIOError:
-                break
-            if not chunk:
-                break
-            parts.append(chunk)
-        return b"".join(parts)
-
-    def _send(self, parts: list[bytes]) -> None:
-        try:
-            os.writev(self._device, parts)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+                return
