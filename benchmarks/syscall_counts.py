@@ -3,11 +3,13 @@
 Every daemon (layerfs-overlay, fuse-overlayfs) mounts the same small lower (`COUNT` files of
 4 KiB in one directory) with a fresh upper. The daemon is traced with `strace -f -y` only around
 the operations, done `COUNT` times by this process on distinct files: the first write to a lower
-file (open O_WRONLY, pwrite 1 byte, close: a copy-up), the create of a new file (O_CREAT|O_EXCL,
-write 100 bytes, close), a chmod of a lower file and an unlink of one (a whiteout). Lookups are
-done before the trace starts (every file is stat'ed), and so is the copy-up of the files'
-directory (one file is copied up untraced), so that the counts are what each operation costs on
-its own, as in a long-lived mount.
+file (open O_WRONLY, pwrite 1 byte, close: a copy-up), the same first write to the one file of a
+lower directory of its own (the copy-up of the directory, then of the file: what the first write
+in a fresh container costs), the create of a new file (O_CREAT|O_EXCL, write 100 bytes, close),
+a chmod of a lower file and an unlink of one (a whiteout). Lookups are done before the trace
+starts (every file is stat'ed), and so is the copy-up of the files' directory (one file is
+copied up untraced), so that the counts are what each operation costs on its own, as in a
+long-lived mount.
 
 Each traced syscall falls in one of four classes: a request read from /dev/fuse, a reply written
 to it, waiting (poll, futex, a read of /dev/fuse that found nothing: the spin before sleeping)
@@ -47,9 +49,10 @@ DEFAULT_COUNT = 200
 FILE_SIZE = 4096
 ATTACH_DEADLINE = 10.0  # seconds for strace to attach to every thread of the daemon
 SETTLE_SECONDS = 0.3  # RELEASE of a closed file reaches the daemon after close(2) returns
-OPS = ("copy_up", "create", "chmod", "unlink")
+OPS = ("copy_up", "copy_up_dir", "create", "chmod", "unlink")
 OP_LABELS = {
     "copy_up": "first write to a 4 KiB lower file (copy-up)",
+    "copy_up_dir": "the same, of the only file of a lower dir (copy-up of the dir and the file)",
     "create": "create a 100-byte file",
     "chmod": "chmod of a 4 KiB lower file",
     "unlink": "unlink of a lower file (whiteout)",
@@ -149,6 +152,7 @@ def _prepare(mnt: Path, count: int) -> None:
     """Untraced: look up every file, copy up their directory, and make the dir for creates."""
     for i in range(count):
         os.lstat(mnt / "files" / f"f{i:04d}")
+        os.lstat(mnt / "dirs" / f"d{i:04d}" / "f")
     os.close(os.open(mnt / "files" / "warm", os.O_WRONLY))
     (mnt / "files" / "new").mkdir()
 
@@ -157,11 +161,17 @@ def _operation(op: str, mnt: Path, count: int) -> Callable[[], None]:
     """The traced part: `op` done `count` times, each on a file of its own."""
     files = [mnt / "files" / f"f{i:04d}" for i in range(count)]
 
-    def copy_up() -> None:
-        for path in files:
+    def first_writes(paths: list[Path]) -> None:
+        for path in paths:
             fd = os.open(path, os.O_WRONLY)
             os.pwrite(fd, b"x", 0)
             os.close(fd)
+
+    def copy_up() -> None:
+        first_writes(files)
+
+    def copy_up_dir() -> None:
+        first_writes([mnt / "dirs" / f"d{i:04d}" / "f" for i in range(count)])
 
     def create() -> None:
         for i in range(count):
@@ -178,7 +188,8 @@ def _operation(op: str, mnt: Path, count: int) -> Callable[[], None]:
         for path in files:
             os.unlink(path)
 
-    return {"copy_up": copy_up, "create": create, "chmod": chmod, "unlink": unlink}[op]
+    return {"copy_up": copy_up, "copy_up_dir": copy_up_dir, "create": create, "chmod": chmod,
+            "unlink": unlink}[op]
 
 
 def _trace(pid: int, out: Path, operation: Callable[[], None]) -> None:
@@ -226,6 +237,10 @@ def _make_lower(lower: Path, count: int) -> None:
     files.mkdir(parents=True)
     for name in [f"f{i:04d}" for i in range(count)] + ["warm"]:
         (files / name).write_bytes(os.urandom(FILE_SIZE))
+    for i in range(count):
+        directory = lower / "dirs" / f"d{i:04d}"
+        directory.mkdir(parents=True)
+        (directory / "f").write_bytes(os.urandom(FILE_SIZE))
 
 
 def measure(daemons: list[Daemon], count: int, scratch_root: Path) -> dict[str, dict[str, object]]:

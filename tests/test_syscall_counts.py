@@ -26,6 +26,8 @@ COUNT = 20
 BOUNDS = {
     # work syscalls, requests
     "copy_up": (18, 3),  # 2 of the 18 register and drop the passthrough backing file
+    # the 18 above and 5 for the dir: mkdir, xattrs, times, rename, its parent's times
+    "copy_up_dir": (23, 3),
     "create": (8, 5),
     "chmod": (13, 1),
     "unlink": (3, 3),

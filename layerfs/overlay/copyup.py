@@ -51,6 +51,12 @@ def _birth(work: bytes) -> tuple[int, int, int]:
     return found
 
 
+def learn_work_dir(work: bytes) -> None:
+    """Read now, at mount, what the first copy-up into `work` would otherwise read in its own
+    time (see `_birth`)."""
+    _birth(work)
+
+
 def work_name(work: bytes) -> bytes:
     """A fresh name in the work dir; the work dir is private to one mount."""
     return b"%s/#%x-%x" % (work, _pid, next(_counter))
@@ -109,18 +115,25 @@ def copy_metadata(path: bytes, st: os.stat_result, src: bytes) -> None:
 
 
 def stage_dir(work: bytes, src: bytes, st: os.stat_result) -> bytes:
-    """An empty copy of directory `src` (mode, owner, xattrs, times) in the work dir."""
+    """An empty copy of directory `src` (mode, owner, xattrs, times) in the work dir.
+
+    Made with its final mode where it is born with the right owner (see `_born_as`), as a
+    regular file is: the work dir is private, so an empty dir's mode guards nothing there.
+    """
     tmp = work_name(work)
-    realfs.mkdir(tmp, 0o700)
-    _copy_meta(tmp, st, src, is_link=False)
+    born_right = _born_as(work, st)
+    realfs.mkdir(tmp, stat.S_IMODE(st.st_mode) if born_right else 0o700)
+    _copy_meta(tmp, st, src, is_link=False, born_right=born_right)
     return tmp
 
 
 def _born_as(work_dir: bytes, st: os.stat_result) -> bool:
-    """Whether a file made in `work_dir` with `st`'s mode gets `st`'s owner and exactly that mode,
-    so that no chown or chmod has to follow (the common case: root copying up root's files).
+    """Whether an object made in `work_dir` with `st`'s mode gets `st`'s owner and exactly that
+    mode, so that no chown or chmod has to follow (the common case: root copying up root's
+    files).
 
-    Never for setuid or setgid files: their bits are set last, after the data is in."""
+    Never for setuid or setgid objects: a file's bits are set last, after the data is in, and a
+    setgid dir's group decides its children's."""
     uid, gid, umask = _birth(work_dir)
     mode = stat.S_IMODE(st.st_mode)
     return (st.st_uid, st.st_gid) == (uid, gid) and not mode & (umask | stat.S_ISUID

@@ -79,6 +79,8 @@ class Engine(MergedTree):
         # Who the upper filesystem makes our new objects belong to (the daemon's ids).
         self._euid, self._egid = os.geteuid(), os.getegid()
         self._umask = syscalls.process_umask()
+        if self.work is not None and upper is not None:
+            copyup.learn_work_dir(self.work)
         if self.override_layers and self.upper is not None and self.work is not None:
             self._mark_upper_overrides()
 
