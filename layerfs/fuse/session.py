@@ -232,6 +232,10 @@ class Session:
             while time.perf_counter() < deadline:
                 if self._queue.poll(0):
                     return True
+                # The client may be waiting for this very vCPU (after a wake-up on its CPU,
+                # say at the end of an fsync): spinning would keep it from sending its next
+                # request. Alone on its CPU, the loop gets it straight back.
+                os.sched_yield()
         poller.poll()
         self._drain_wakeup()
         return not self._signals
