@@ -16,11 +16,11 @@ on `sys.meta_path` that imports layerfs modules from their sources only.
 
 from __future__ import annotations
 
-import importlib.machinery
+import _imp
 import os
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing's own costs every start-up an import; mypy honours the name alone
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from importlib.machinery import ModuleSpec
@@ -36,7 +36,7 @@ COMPILED = (
 """The modules mypyc compiles (setup.py reads this list): what every request runs through."""
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_EXTENSION = importlib.machinery.EXTENSION_SUFFIXES[0]
+_EXTENSION = _imp.extension_suffixes()[0]  # importlib.machinery's first, without its import
 
 
 def _why_pure() -> str | None:
@@ -62,6 +62,8 @@ class _SourcesOnly:
                   target: ModuleType | None = None) -> ModuleSpec | None:
         if not fullname.startswith("layerfs.") or path is None:
             return None
+        import importlib.machinery  # only here: a pure start-up is the slow one anyway
+
         loaders = [(importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES)]
         for entry in path:
             spec = importlib.machinery.FileFinder(entry, *loaders).find_spec(fullname, target)
