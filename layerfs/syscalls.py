@@ -19,7 +19,7 @@ RENAME_WHITEOUT = 1 << 2
 _AT_FDCWD = -100
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 _COPY_CHUNK = 1 << 30
-_NO_CLONE = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS)
+NO_CLONE = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS)
 """FICLONE's answers for filesystems that cannot share these extents."""
 
 CLONE_NEWNS = 0x00020000
@@ -94,29 +94,30 @@ def process_umask() -> int:
     return 0o7777  # not said: take every bit as masked, so that a mode is always set
 
 
-def copy_data(src_fd: int, dst_fd: int, size: int, *, clone: bool = True,
-              dense: bool = False) -> bool:
-    """Copy `size` bytes of file data, sharing extents where the filesystem can; False where
-    it could not clone them (so that the caller need not try again on the same filesystems).
+def clone_data(src_fd: int, dst_fd: int) -> int:
+    """Make empty `dst_fd` share all of `src_fd`'s extents (FICLONE: btrfs, xfs; no data
+    moves). 0 when done, else the errno it was refused with: one of NO_CLONE where these
+    filesystems cannot clone, EBADF or EPERM where only this file cannot."""
+    try:
+        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+    except OSError as exc:
+        if exc.errno not in (*NO_CLONE, errno.EBADF, errno.EPERM):
+            raise
+        return exc.errno
+    return 0
 
-    FICLONE first, unless `clone` is False (btrfs, xfs: instant, no data moves); else
-    copy_file_range: over the whole size for a `dense` source (no holes: its blocks cover its
-    size), else over the data segments only, found with SEEK_DATA/SEEK_HOLE, so that a sparse
-    file stays sparse, with the target's size set by ftruncate so that a trailing hole survives.
+
+def copy_data(src_fd: int, dst_fd: int, size: int, *, dense: bool = False) -> None:
+    """Copy `size` bytes of file data with copy_file_range: over the whole size for a `dense`
+    source (no holes: its blocks cover its size), else over the data segments only, found
+    with SEEK_DATA/SEEK_HOLE, so that a sparse file stays sparse, with the target's size set
+    by ftruncate so that a trailing hole survives.
     """
     if size == 0:
-        return True
-    if clone:
-        try:
-            fcntl.ioctl(dst_fd, _FICLONE, src_fd)
-            return True
-        except OSError as exc:
-            if exc.errno not in (*_NO_CLONE, errno.EBADF, errno.EPERM):
-                raise
-            clone = exc.errno not in _NO_CLONE  # EBADF, EPERM: this file, not the filesystem
+        return
     if dense:
         _copy_range(src_fd, dst_fd, 0, size)
-        return clone
+        return
     os.ftruncate(dst_fd, size)
     pos = 0
     while pos < size:
@@ -124,16 +125,15 @@ def copy_data(src_fd: int, dst_fd: int, size: int, *, clone: bool = True,
             start = os.lseek(src_fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # only a hole is left
-                return clone
+                return
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
             # no hole map on this filesystem: all of the rest is data
             _copy_range(src_fd, dst_fd, pos, size)
-            return clone
+            return
         end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
         _copy_range(src_fd, dst_fd, start, end)
         pos = end
-    return clone
 
 
 def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:

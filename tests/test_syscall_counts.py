@@ -21,6 +21,8 @@ from tests.overlay_harness import overlay_cmd
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from tests.fsmatrix import ScratchFilesystems
+
 COUNT = 20
 
 BOUNDS = {
@@ -34,19 +36,22 @@ BOUNDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def counts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+def _counts(scratch: Path, count: int) -> dict[str, dict[str, object]]:
     if shutil.which("strace") is None:
         pytest.fail("strace is missing: tools/setup installs it")
     cmd = overlay_cmd()
     if "layerfs-overlay" not in cmd[0]:
         pytest.skip("the counts are layerfs-overlay's")
-    scratch: Path = tmp_path_factory.mktemp("syscalls")
-    results = syscall_counts.measure([syscall_counts.Daemon("layerfs", tuple(cmd))], COUNT,
+    results = syscall_counts.measure([syscall_counts.Daemon("layerfs", tuple(cmd))], count,
                                      scratch)
     by_op = results["layerfs"]
     assert isinstance(by_op, dict)
     return by_op
+
+
+@pytest.fixture(scope="module")
+def counts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    return _counts(tmp_path_factory.mktemp("syscalls"), COUNT)
 
 
 @pytest.mark.parametrize("op", syscall_counts.OPS)
@@ -67,4 +72,15 @@ def test_the_counter_sees_the_copy_and_the_fsync(counts: dict[str, dict[str, obj
     by_name = counts["copy_up"]["work_by_syscall"]
     assert isinstance(by_name, dict)
     assert by_name.get("fdatasync") == 1.0  # the copy is synced before its rename, as the kernel
+    assert by_name.get("renameat2") == 1.0
+
+
+def test_a_clone_is_not_synced(scratch_filesystems: ScratchFilesystems) -> None:
+    """On xfs the copy-up is a clone (FICLONE, one ioctl more than the two of the backing
+    file), and a clone is not fsynced: its extents are on disk already, and the kernel's
+    overlayfs does not sync one either."""
+    by_name = _counts(scratch_filesystems.dir("xfs"), 5)["copy_up"]["work_by_syscall"]
+    assert isinstance(by_name, dict)
+    assert by_name.get("ioctl") == 3.0, by_name
+    assert "fdatasync" not in by_name, by_name
     assert by_name.get("renameat2") == 1.0

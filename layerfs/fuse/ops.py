@@ -159,9 +159,11 @@ class OverlayOperations:
     def _copy_up(self, node: Node, data_len: int | None = None) -> None:
         """Copy a big lower file up on a worker, so other requests go on meanwhile.
 
-        Small copies and directories are left to the engine, inline. A per-inode lock makes a
-        second writer wait for the first copy instead of making its own; the engine re-checks
-        the tree when it places the copy.
+        Small copies and directories are left to the engine, inline, and so is a big file
+        where it may be cloned: a clone takes no time at any size, and a handoff to a worker
+        takes more than the clone (the clone is tried first; the data moves on a worker where
+        the filesystems refuse it). A per-inode lock makes a second writer wait for the first
+        copy instead of making its own; the engine re-checks the tree when it places the copy.
         """
         engine = self._engine
         if node.is_dir or engine.upper is None or not engine.needs_copy_up(node):
@@ -170,7 +172,13 @@ class OverlayOperations:
         if not job.slow:
             return
         if threading.get_ident() == self._loop_thread:
-            raise Defer
+            if not job.may_clone or node.ino in self._copy_up_locks:
+                raise Defer
+            cloned = engine.stage_clone(job)
+            if cloned is None:
+                raise Defer
+            engine.finish_copy_up(node, cloned)
+            return
         ino_lock, users = self._copy_up_locks.setdefault(node.ino, (threading.Lock(), [0]))
         users[0] += 1
         try:

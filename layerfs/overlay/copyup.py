@@ -140,19 +140,32 @@ def _born_as(work_dir: bytes, st: os.stat_result) -> bool:
                                                                  | stat.S_ISGID)
 
 
+class CannotClone(Exception):
+    """A copy-up asked to be a clone only (see `stage_object`) met filesystems that cannot."""
+
+
+def may_clone(work: bytes, st: os.stat_result) -> bool:
+    """Whether a copy of `st`'s file into `work` can still turn out to be a clone: FICLONE
+    has not been refused for its filesystem there."""
+    return (work, st.st_dev) not in _no_clone
+
+
 def stage_object(
     work: bytes, src: bytes, st: os.stat_result, *, data_len: int | None = None,
-    sync: bool = True,
+    sync: bool = True, clone_only: bool = False,
 ) -> bytes:
     """A copy of non-directory `src` in the work dir.
 
     `data_len` limits the data copied (0 when the caller truncates it right after); the size
-    is kept. The data is fsynced before the copy can be renamed into place, as the kernel does,
-    unless `sync` is False.
+    is kept. Copied data is fsynced before the copy can be renamed into place, as the kernel
+    does, unless `sync` is False; a clone is not, as in the kernel: its extents are on disk
+    already, and the journal orders the clone before the rename that publishes it.
+    `clone_only`: raise CannotClone rather than move data (the caller would rather move it
+    elsewhere, on a worker).
     """
     tmp = work_name(work)
     try:
-        _stage_object(tmp, src, st, data_len=data_len, sync=sync)
+        _stage_object(tmp, src, st, data_len=data_len, sync=sync, clone_only=clone_only)
     except BaseException:
         remove_tree(tmp)  # a full disk or a vanished source leaves nothing staged
         raise
@@ -160,7 +173,8 @@ def stage_object(
 
 
 def _stage_object(
-    tmp: bytes, src: bytes, st: os.stat_result, *, data_len: int | None, sync: bool
+    tmp: bytes, src: bytes, st: os.stat_result, *, data_len: int | None, sync: bool,
+    clone_only: bool,
 ) -> None:
     mode = st.st_mode
     if stat.S_ISREG(mode):
@@ -170,18 +184,21 @@ def _stage_object(
                          stat.S_IMODE(mode) if born_right else 0o600)
         try:
             size = st.st_size if data_len is None else min(st.st_size, data_len)
+            copied = False
             if size:
                 src_fd = realfs.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-                pair = (work_dir, st.st_dev)
                 try:
-                    if not syscalls.copy_data(src_fd, fd, size, clone=pair not in _no_clone,
-                                              dense=st.st_blocks * 512 >= st.st_size):
-                        _no_clone.add(pair)
+                    if not _clone(work_dir, st, src_fd, fd):
+                        if clone_only:
+                            raise CannotClone
+                        syscalls.copy_data(src_fd, fd, size,
+                                           dense=st.st_blocks * 512 >= st.st_size)
+                        copied = True
                 finally:
                     os.close(src_fd)
             if size != st.st_size:
                 os.ftruncate(fd, st.st_size)
-            if sync and size:
+            if sync and copied:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
@@ -192,3 +209,14 @@ def _stage_object(
     else:
         realfs.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
         _copy_meta(tmp, st, src, is_link=False)
+
+
+def _clone(work_dir: bytes, st: os.stat_result, src_fd: int, fd: int) -> bool:
+    """Clone `src_fd` (whose stat is `st`) into `fd` where its filesystem may; remember
+    where it cannot."""
+    if not may_clone(work_dir, st):
+        return False
+    refused = syscalls.clone_data(src_fd, fd)
+    if refused in syscalls.NO_CLONE:
+        _no_clone.add((work_dir, st.st_dev))
+    return not refused

@@ -53,6 +53,9 @@ class CopyUpJob:
     st: os.stat_result
     data_len: int | None
     slow: bool
+    """Whether moving its data may take long enough to hold up other requests."""
+    may_clone: bool
+    """Whether it can still turn out to be a clone, which takes no time at any size."""
 
 
 @dataclass(slots=True, eq=False)
@@ -251,14 +254,24 @@ class Engine(MergedTree):
         assert node.lower is not None and node.lower_st is not None and not node.is_dir
         st = node.lower_st
         copied = st.st_size if data_len is None else min(st.st_size, data_len)
-        return CopyUpJob(node.lower[1], st, data_len, stat.S_ISREG(st.st_mode) and
-                         copied > SLOW_COPY_UP_BYTES)
+        regular = stat.S_ISREG(st.st_mode)
+        return CopyUpJob(node.lower[1], st, data_len, regular and copied > SLOW_COPY_UP_BYTES,
+                         regular and copyup.may_clone(self._work(), st))
 
     def stage(self, job: CopyUpJob) -> bytes:
         """Copy a lower object into the work dir. Touches nothing but the work dir and the
         (immutable) source, so it may run in another thread while the engine goes on."""
         return copyup.stage_object(self._work(), job.src, job.st, data_len=job.data_len,
                                    sync=self.sync_copy_up)
+
+    def stage_clone(self, job: CopyUpJob) -> bytes | None:
+        """`stage` for a regular file, where it can be a clone; None (nothing staged) where
+        the filesystems refuse to clone it."""
+        try:
+            return copyup.stage_object(self._work(), job.src, job.st, data_len=job.data_len,
+                                       sync=self.sync_copy_up, clone_only=True)
+        except copyup.CannotClone:
+            return None
 
     def finish_copy_up(self, node: Node, tmp: bytes, *, metacopy: bool = False) -> None:
         """Rename a staged copy into place under every visible name of `node`.
