@@ -45,7 +45,7 @@ class Daemon:
 def mount_entries() -> list[MountEntry]:
     """Parse /proc/self/mountinfo (see proc(5)); mount points are unescaped (`\\040` → space)."""
     entries = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+    for line in Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines():
         before, _, after = line.partition(" - ")
         fields, tail = before.split(), after.split()
         entries.append(

@@ -22,25 +22,18 @@ from typing import Any
 import pytest
 from backports import zstd
 
-from tests.imagetools import Store, is_mounted, tar_dir
+from tests.imagetools import Store, is_mounted, mount_field, tar_dir
 
 LayerMember = tuple[tarfile.TarInfo, bytes | None]
-
-
-def _unescape_mount_field(text: str) -> str:
-    """/proc/mounts writes space, tab, newline and backslash as octal escapes."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        text = text.replace(code, char)
-    return text
 
 
 def mounts_by_source() -> list[tuple[str, str]]:
     """(source, mountpoint) of every mount this process sees."""
     out = []
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
-            out.append((_unescape_mount_field(fields[0]), _unescape_mount_field(fields[1])))
+            out.append((mount_field(fields[0]), mount_field(fields[1])))
     return out
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from layerfs import syscalls
+from tests.imagetools import mount_field
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -295,14 +295,8 @@ def drop_caches() -> None:
 
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(_unescaped(line.split()[1]) == target for line in f)
-
-
-def _unescaped(field: str) -> str:
-    """A /proc/self/mounts field: the kernel writes space, tab, newline and backslash as octal
-    escapes (`\\040`)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    with open("/proc/self/mounts", errors="surrogateescape") as f:
+        return any(mount_field(line.split()[1]) == target for line in f)
 
 
 def unmount(path: Path) -> None:

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -426,8 +427,15 @@ def staged(store: Store) -> list[str]:
 
 def is_mounted(mountpoint: Path) -> bool:
     target = os.path.realpath(mountpoint)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+    with open("/proc/self/mounts", errors="surrogateescape") as f:
+        return any(mount_field(line.split()[1]) == target for line in f)
+
+
+def mount_field(field: str) -> str:
+    """A field of /proc/self/mounts or mountinfo, read with errors="surrogateescape" (a path
+    need not be UTF-8): the kernel writes space, tab, newline and backslash as octal escapes
+    (`\\040`)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 # -- trees ----------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ UNMOUNT_RETRY_S = 3.0
 def mountpoints() -> set[str]:
     """Mount points from mountinfo, read without touching any mount (a hung FUSE mount
     would block a stat)."""
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         return {line.split()[4].replace("\\040", " ") for line in f}
 
 
@@ -242,7 +242,7 @@ def _unmount_or_fail(mnt: Path, argv: list[str]) -> None:
 
 def _abort_fuse_connection(mnt: Path) -> None:
     """Abort the FUSE connection of `mnt`, if it is one, so that blocked callers return."""
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         lines = f.readlines()
     for line in lines:
         fields = line.split()

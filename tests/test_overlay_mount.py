@@ -63,6 +63,22 @@ def test_mount_fuse3_call_form_with_generic_options(layers: Layers, mnt: Path) -
         unmount(mnt)
 
 
+@pytest.mark.parametrize("name", [b"with space", b"tab\tand\\backslash", b"not-utf8-\xff"],
+                         ids=["space", "tab-backslash", "not-utf8"])
+def test_a_mountpoint_of_any_name_mounts(layers: Layers, tmp_path: Path, name: bytes) -> None:
+    """mountinfo escapes some bytes and need not be UTF-8: the daemon must still see that its
+    mount is up (it used to take the mount for dead and fail)."""
+    mnt = os.fsencode(tmp_path) + b"/" + name
+    os.mkdir(mnt)
+    result = subprocess.run([os.fsencode(OVERLAY_CMD), b"-o", layers.option().encode(), mnt],
+                            capture_output=True, timeout=30)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert os.listdir(mnt + b"/dir") == [b"f"]
+    finally:
+        subprocess.run([b"fusermount3", b"-u", b"-z", mnt], capture_output=True, check=False)
+
+
 def test_mount_through_mount8(layers: Layers, mnt: Path) -> None:
     if not Path("/usr/local/bin/layerfs-overlay").exists():
         pytest.skip("tools/setup links layerfs-overlay into /usr/local/bin for mount(8)")

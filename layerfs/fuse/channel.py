@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import stat
 from typing import TYPE_CHECKING
 
@@ -100,14 +101,23 @@ def unmount(mountpoint: str) -> None:
 
 
 def _fuse_device(mountpoint: str) -> str | None:
-    """The "major:minor" of the FUSE mount on resolved path `mountpoint`, from mountinfo."""
+    """The "major:minor" of the FUSE mount on resolved path `mountpoint`, from mountinfo.
+
+    Read as bytes, since a path need not be UTF-8, with the octal escapes of space, tab,
+    newline and backslash undone (fs/proc_namespace.c: mangle)."""
+    wanted = os.fsencode(mountpoint)
     device = None
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            if fields[4] == mountpoint and fields[fields.index("-") + 1].startswith("fuse"):
-                device = fields[2]  # the last one is on top
+            if (_unmangle(fields[4]) == wanted
+                    and fields[fields.index(b"-") + 1].startswith(b"fuse")):
+                device = fields[2].decode()  # the last one is on top
     return device
+
+
+def _unmangle(field: bytes) -> bytes:
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
 
 
 def is_mounted(mountpoint: str) -> bool:
