@@ -17,6 +17,10 @@ PYTHON* variables and LAYERFS_PURE), in `LAYERFS_RUNTIME_DIR`, else `$XDG_RUNTIM
 else `/run/layerfs` for root and `/tmp/layerfs-UID` for others. That directory must belong to the
 user and be closed to others: whoever can put a socket there would see our commands and our
 terminal. `LAYERFS_FORKSERVER=0` turns the whole thing off.
+
+`layerfs-overlay` has a second client, in C (launcher.c, built by tools/setup), which hands a
+mount over without starting an interpreter and execs this one for everything else: a change of
+PROTOCOL, of the request or of `installation()` must be made there too.
 """
 
 from __future__ import annotations
