@@ -1,5 +1,6 @@
 """Linux syscalls that the os module lacks: renameat2, fallocate with a mode, FICLONE, a
-sparse-aware data copy, and unshare and mount for the namespaces of `run` and rootless use.
+sparse-aware data copy, inotify, and unshare and mount for the namespaces of `run` and
+rootless use.
 
 Only this module talks to libc through ctypes. Every function raises OSError with the errno
 the kernel returned.
@@ -35,6 +36,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
+_inotify_add_watch = _libc.inotify_add_watch
+_inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_inotify_add_watch.restype = ctypes.c_int
 _fallocate = _libc.fallocate64
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
@@ -44,6 +48,36 @@ def renameat2(old: bytes, new: bytes, flags: int = 0) -> None:
     if _renameat2(_AT_FDCWD, old, _AT_FDCWD, new, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), old, None, new)
+
+
+IN_MODIFY = 0x2
+IN_ATTRIB = 0x4
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x1000000
+
+
+def inotify_init() -> int:
+    """A non-blocking, close-on-exec inotify descriptor."""
+    fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(fd)
+
+
+def inotify_add_watch(fd: int, path: bytes, mask: int) -> int:
+    wd = _inotify_add_watch(fd, path, mask)
+    if wd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(wd)
 
 
 def rename_leaving_whiteout(old: bytes, new: bytes) -> None:

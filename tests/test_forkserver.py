@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import click
 import pytest
 
 from layerfs.cli.entry import handed_over
@@ -259,6 +260,46 @@ def daemons_with_command_line(argv: list[str]) -> list[int]:
             continue
         if (cmdline == wanted[0] or cmdline.rstrip(b"\0 ") == wanted[1]) and (
                 comm == "layerfs-overlay"):
+            found.append(int(name))
+    return found
+
+
+def test_a_changed_source_file_retires_the_server(
+        store: ContainerStore, runtime: Path, tmp_path: Path) -> None:
+    assert mount(store, runtime, tmp_path / "m1").returncode == 0
+    pid = server_pid(runtime)
+    # a module the server has loaded, touched with its own times: only inotify can tell
+    source = Path(click.__file__)
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = mount(store, runtime, tmp_path / "m2")
+    assert second.returncode == 0, second.stderr
+    assert STARTED in second.stderr  # "retired": the caller starts a server with the new code
+    deadline = time.monotonic() + 30
+    while server_pid(runtime) == pid:
+        assert time.monotonic() < deadline, "no new server"
+        time.sleep(0.01)
+    third = mount(store, runtime, tmp_path / "m3")
+    assert third.returncode == 0 and RAN in third.stderr, third.stderr
+    # the daemon forked from the server keeps none of the server's descriptors
+    daemons = [pid for pid in processes_naming(tmp_path / "m3") if pid != server_pid(runtime)]
+    assert daemons
+    for daemon in daemons:
+        held = [os.readlink(f"/proc/{daemon}/fd/{fd}") for fd in os.listdir(f"/proc/{daemon}/fd")]
+        assert not [link for link in held if "inotify" in link or "socket" in link], held
+
+
+def processes_naming(path: Path) -> list[int]:
+    """Processes with `path` among their arguments (separate, or joined by spaces: see
+    `daemons_with_command_line`)."""
+    wanted = os.fsencode(path)
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+        except (OSError, NotADirectoryError):
+            continue
+        if wanted in cmdline.replace(b"\0", b" ").split():
             found.append(int(name))
     return found
 

@@ -15,7 +15,8 @@ How: single-threaded, because it forks. A poll loop accepts requests and watches
 children through pidfds; a child runs the command and exits, and the server sends the
 caller its exit status. The server ends after `IDLE_SECONDS` without a request, when its
 socket is removed or replaced, or on SIGTERM (once its running children have). When one of
-its source files has changed it declines the request that noticed with "retired", stops
+its source files has changed (inotify says so, see `SourceWatch`) it declines the request
+that noticed with "retired", stops
 listening and lets go of its lock, so that the caller starts a server with the new code; it
 ends once its running children have.
 
@@ -37,6 +38,7 @@ import sys
 import time
 from typing import NoReturn
 
+from layerfs import syscalls
 from layerfs.cli import forkserver_client as client
 
 IDLE_SECONDS = 600.0
@@ -89,6 +91,76 @@ def _sources() -> dict[str, tuple[int, int, int]]:
     return {path: _identity(path) for path in paths}
 
 
+class SourceWatch:
+    """Whether any of the server's source files has changed since it started.
+
+    inotify on their directories answers with one read per request; a stat of each file
+    instead (60 of them) took 2.5 ms of a 30 ms mount with cold caches. Where inotify is not
+    to be had (no instances or watches left), the stats it is.
+    """
+
+    _MASK = (syscalls.IN_MODIFY | syscalls.IN_ATTRIB | syscalls.IN_MOVED_FROM
+             | syscalls.IN_MOVED_TO | syscalls.IN_CREATE | syscalls.IN_DELETE
+             | syscalls.IN_DELETE_SELF | syscalls.IN_MOVE_SELF | syscalls.IN_ONLYDIR)
+    _GONE = (syscalls.IN_Q_OVERFLOW | syscalls.IN_IGNORED | syscalls.IN_DELETE_SELF
+             | syscalls.IN_MOVE_SELF)
+    """The watch itself lost: anything may have changed since."""
+    _EVENT = struct.Struct("iIII")
+    """struct inotify_event: wd, mask, cookie, len (of the name that follows)"""
+
+    def __init__(self, sources: dict[str, tuple[int, int, int]]) -> None:
+        self.sources = sources
+        self._stale = False
+        self._names: dict[int, set[bytes]] = {}
+        """watch descriptor -> the names of sources in its directory"""
+        self._fd: int | None = None
+        by_dir: dict[bytes, set[bytes]] = {}
+        for path in sources:
+            parent, _, name = os.fsencode(path).rpartition(b"/")
+            by_dir.setdefault(parent or b"/", set()).add(name)
+        try:
+            fd = syscalls.inotify_init()
+        except OSError:
+            return
+        try:
+            for parent, names in by_dir.items():
+                self._names[syscalls.inotify_add_watch(fd, parent, self._MASK)] = names
+        except OSError:
+            os.close(fd)
+            self._names.clear()
+            return
+        self._fd = fd
+        # what changed before the watches were set, they cannot tell
+        self._stale = self._stat_changed()
+
+    def fds(self) -> list[int]:
+        """What a child must close (the mount daemon it becomes lives on)."""
+        return [self._fd] if self._fd is not None else []
+
+    def _stat_changed(self) -> bool:
+        return any(_identity(path) != identity for path, identity in self.sources.items())
+
+    def changed(self) -> bool:
+        if self._stale:
+            return True
+        if self._fd is None:
+            self._stale = self._stat_changed()
+            return self._stale
+        while not self._stale:
+            try:
+                events = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                break
+            at = 0
+            while at < len(events):
+                wd, mask, _cookie, length = self._EVENT.unpack_from(events, at)
+                name = events[at + self._EVENT.size:at + self._EVENT.size + length].rstrip(b"\0")
+                at += self._EVENT.size + length
+                if mask & self._GONE or name in self._names.get(wd, ()):
+                    self._stale = True
+        return self._stale
+
+
 def _identity(path: str) -> tuple[int, int, int]:
     try:
         st = os.stat(path)
@@ -109,7 +181,7 @@ class Server:
     def __init__(self, path: str, lock_fd: int) -> None:
         self.path = path
         self.lock_fd: int | None = lock_fd
-        self.sources = _sources()
+        self.sources = SourceWatch(_sources())
         self.listener: socket.socket | None = socket.socket(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         with contextlib.suppress(FileNotFoundError):
@@ -199,7 +271,7 @@ class Server:
                 or program not in client.PROGRAMS or not isinstance(argv, list)
                 or not isinstance(env, dict) or not isinstance(umask, int)):
             raise _Refusal(b"Nanother version of layerfs")
-        if any(_identity(path) != identity for path, identity in self.sources.items()):
+        if self.sources.changed():
             raise _Refusal(b"Rretired: its code has changed")
         try:
             same = context(peer_pid) == context("self")
@@ -230,6 +302,7 @@ class Server:
             sockets.append(self.listener)
         fds = [sock.detach() for sock in sockets]
         fds += self.children  # their pidfds
+        fds += self.sources.fds()
         if self.lock_fd is not None:
             fds.append(self.lock_fd)
         return fds
