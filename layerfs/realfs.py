@@ -154,21 +154,33 @@ def removexattr(path: bytes, name: str | bytes) -> None:
 
 
 def link(src: bytes, dst: bytes) -> None:
+    if len(src) < PATH_MAX and len(dst) < PATH_MAX:  # a copy-up's every rename comes here
+        os.link(src, dst, follow_symlinks=False)
+        return
     with _reachable(src) as s, _reachable(dst) as d:
         os.link(s, d, follow_symlinks=False)
 
 
 def rename(src: bytes, dst: bytes) -> None:
+    if len(src) < PATH_MAX and len(dst) < PATH_MAX:
+        os.rename(src, dst)
+        return
     with _reachable(src) as s, _reachable(dst) as d:
         os.rename(s, d)
 
 
 def renameat2(src: bytes, dst: bytes, flags: int = 0) -> None:
+    if len(src) < PATH_MAX and len(dst) < PATH_MAX:
+        syscalls.renameat2(src, dst, flags)
+        return
     with _reachable(src) as s, _reachable(dst) as d:
         syscalls.renameat2(s, d, flags)
 
 
 def rename_leaving_whiteout(src: bytes, dst: bytes) -> None:
+    if len(src) < PATH_MAX and len(dst) < PATH_MAX:
+        syscalls.rename_leaving_whiteout(src, dst)
+        return
     with _reachable(src) as s, _reachable(dst) as d:
         syscalls.rename_leaving_whiteout(s, d)
 

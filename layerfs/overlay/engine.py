@@ -20,12 +20,10 @@ lower hard-linked group copies the whole visible group as one upper inode.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from layerfs import overlay_xattrs as xattrs
 from layerfs import realfs, syscalls
@@ -33,9 +31,6 @@ from layerfs.overlay import acl, copyup
 from layerfs.overlay.lowers import is_whiteout_stat
 from layerfs.overlay.nodes import UPPER, Node, make_ino
 from layerfs.overlay.tree import NAME_MAX, Attr, Found, MergedTree, os_error
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 SLOW_COPY_UP_BYTES = 1 << 20
 """Copy-ups moving more data than this are worth a worker thread (see `CopyUpJob`)."""
@@ -294,11 +289,13 @@ class Engine(MergedTree):
             self._copy_up_dir(parent)
         xattrs.set_origin_ino(tmp, node.ino)
         first = self.upper_child(names[0][0], names[0][1])
-        with self._parent_times_kept(names[0][0]):
-            realfs.renameat2(tmp, first, syscalls.RENAME_NOREPLACE)
+        times = self._parent_times(names[0][0])
+        realfs.renameat2(tmp, first, syscalls.RENAME_NOREPLACE)
+        self._restore_parent_times(names[0][0], times)
         for parent, name in names[1:]:
-            with self._parent_times_kept(parent):
-                realfs.link(first, self.upper_child(parent, name))
+            times = self._parent_times(parent)
+            realfs.link(first, self.upper_child(parent, name))
+            self._restore_parent_times(parent, times)
             node.links.add((parent, name))
             parent.changed()
         node.in_upper = True
@@ -312,18 +309,21 @@ class Engine(MergedTree):
         copyup.copy_metadata(tmp, st, upper)
         xattrs.set_origin_ino(tmp, node.ino)
         parent = next(iter(node.links))[0]
-        with self._parent_times_kept(parent):
-            realfs.rename(tmp, upper)
+        times = self._parent_times(parent)
+        realfs.rename(tmp, upper)
+        self._restore_parent_times(parent, times)
         node.metacopy = False
         node.data_gen += 1
 
-    @contextlib.contextmanager
-    def _parent_times_kept(self, parent: Node) -> Iterator[None]:
-        """Copy-up changes no merged timestamp: the parent's times are put back after it."""
-        real = self._upper_path(parent)
-        st = realfs.lstat(real)
-        yield
-        realfs.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # Copy-up changes no merged timestamp: the parent's times are taken before the copy is
+    # renamed into it and put back after (plain calls: a generator's context manager cost
+    # more than the two syscalls' Python).
+    def _parent_times(self, parent: Node) -> tuple[int, int]:
+        st = realfs.lstat(self._upper_path(parent))
+        return st.st_atime_ns, st.st_mtime_ns
+
+    def _restore_parent_times(self, parent: Node, times: tuple[int, int]) -> None:
+        realfs.utime(self._upper_path(parent), ns=times)
 
     def _visible_names(self, node: Node) -> list[tuple[Node, bytes]]:
         """The names under which the merged tree shows this lower file, for copy-up.
@@ -361,9 +361,9 @@ class Engine(MergedTree):
         listing = self.lowers.listing(src)
         assert listing is not None
         tmp = copyup.stage_dir(self._work(), src, listing.st)
-        with self._parent_times_kept(node.parent):
-            realfs.renameat2(tmp, self.upper_child(node.parent, node.name),
-                               syscalls.RENAME_NOREPLACE)
+        times = self._parent_times(node.parent)
+        realfs.renameat2(tmp, self.upper_child(node.parent, node.name), syscalls.RENAME_NOREPLACE)
+        self._restore_parent_times(node.parent, times)
         node.in_upper = True
 
     def _prepare_create(self, parent: Node, name: bytes, *, exclusive: bool = False) -> bool:
