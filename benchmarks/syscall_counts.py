@@ -12,8 +12,9 @@ copied up untraced), so that the counts are what each operation costs on its own
 long-lived mount.
 
 Each traced syscall falls in one of four classes: a request read from /dev/fuse, a reply written
-to it, waiting (poll, futex, a read of /dev/fuse that found nothing: the spin before sleeping)
-and work: everything else, the syscalls that do the operation. The table gives requests and work
+to it, waiting (poll, futex, a read that found nothing: of /dev/fuse the spin before sleeping,
+of the wakeup pipe the end of a sleep) and work: everything else, the syscalls that do the
+operation. The table gives requests and work
 per operation, and the work by syscall.
 
 The daemon is started without the fork server (`LAYERFS_FORKSERVER=0`) so that its command line
@@ -107,7 +108,9 @@ def parse_trace(lines: Iterator[str]) -> Counts:
 
 
 def _count(counts: Counts, name: str, on_fuse: bool, line: str) -> None:
-    if name in WAITING:
+    if name in WAITING or (name in ("read", "readv") and "EAGAIN" in line):
+        # a read that found nothing did no work: of /dev/fuse, the spin before sleeping; of
+        # the session's wakeup pipe, the end of a sleep (how many there are is timing)
         counts.waiting += 1
     elif on_fuse and name in ("read", "readv"):
         if "EAGAIN" in line or "ENOENT" in line:  # nothing there, or an interrupted request
