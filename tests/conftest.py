@@ -52,6 +52,18 @@ def forkserver_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator
         stop_servers(str(runtime))
 
 
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[Path]:
+    """A fork server runtime dir of the test's own, so that it sees a server start, serve,
+    decline and go; its servers are stopped at the end."""
+    path = tmp_path / "runtime"
+    path.mkdir(mode=0o700)
+    try:
+        yield path
+    finally:
+        stop_servers(str(path))
+
+
 @pytest.fixture(scope="session")
 def scratch_filesystems(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScratchFilesystems]:
     """Loop-mounted ext4, xfs and btrfs and a tmpfs, each made on first use, gone at the end."""

@@ -19,7 +19,7 @@ import click
 import pytest
 
 from layerfs.cli.entry import handed_over
-from layerfs.cli.forkserver_client import is_server, stop_servers
+from layerfs.cli.forkserver_client import is_server
 from tests.containertools import ContainerStore, busybox_user_tarball
 from tests.imagetools import LAYERFS, is_mounted
 
@@ -54,16 +54,6 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tar = busybox_user_tarball(tmp_path_factory.mktemp("busybox"))
     ContainerStore(root).ok("import", str(tar), IMAGE)
     return root
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "runtime"
-    path.mkdir(mode=0o700)
-    try:
-        yield path
-    finally:
-        stop_servers(str(path))
 
 
 @pytest.fixture

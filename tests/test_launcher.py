@@ -28,16 +28,6 @@ BY_LAUNCHER = "ran the command (launcher)"
 
 
 @pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "runtime"
-    path.mkdir(mode=0o700)
-    try:
-        yield path
-    finally:
-        forkserver_client.stop_servers(str(path))
-
-
-@pytest.fixture
 def layers(tmp_path: Path) -> Iterator[tuple[str, list[Path]]]:
     """Overlay options over a lower with one file, and a list to put mountpoints in (each
     unmounted at the end)."""

@@ -267,16 +267,14 @@ static int runs_here(int argc, char **argv)
 }
 
 /* marshal.dumps((PROTOCOL, installation(), program, argv, dict(os.environb), umask)) */
-static void request(struct buffer *b, int argc, char **argv, mode_t umask_now)
+static void request(struct buffer *b, const struct buffer *inst, int argc, char **argv,
+		    mode_t umask_now)
 {
-	struct buffer inst = {0};
-	installation(&inst);
-	if (!valid_utf8((unsigned char *)inst.data, inst.len))
+	if (!valid_utf8((unsigned char *)inst->data, inst->len))
 		run_python();
 	put_int32(b, '(', 6);
 	put_int32(b, 'i', PROTOCOL);
-	put_str(b, inst.data, inst.len);
-	free(inst.data);
+	put_str(b, inst->data, inst->len);
 	put_str(b, PROGRAM, strlen(PROGRAM));
 	put_int32(b, '[', argc);
 	for (int i = 0; i < argc; i++) {
@@ -329,7 +327,6 @@ int main(int argc, char **argv)
 	installation(&inst);
 	snprintf(name, sizeof name, "forkserver-%08x.sock",
 		 crc32((unsigned char *)inst.data, inst.len));
-	free(inst.data);
 	struct sockaddr_un addr = {.sun_family = AF_UNIX};
 	if (!join(path, sizeof path, dir, name) || strlen(path) >= sizeof addr.sun_path)
 		run_python();
@@ -347,7 +344,8 @@ int main(int argc, char **argv)
 	mode_t umask_now = umask(022);
 	umask(umask_now);
 	struct buffer message = {0};
-	request(&message, argc, argv, umask_now);
+	request(&message, &inst, argc, argv, umask_now);
+	free(inst.data);
 
 	int fds[4] = {open(".", O_PATH | O_DIRECTORY | O_CLOEXEC), 0, 1, 2};
 	if (fds[0] < 0)
